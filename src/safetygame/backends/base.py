@@ -1,0 +1,173 @@
+"""The one small interface between safetygame and a model.
+
+A backend has three abilities, all async:
+
+- ``sample(messages, n, config)``: n candidate replies to a chat;
+- ``yes_no(messages)``: P(yes) of the model's next reply to a yes/no question, from token
+  log-probabilities normalised over the Yes/No token variants (case, leading space);
+- ``loglik(messages, continuation)``: log-likelihood of a given assistant continuation.
+
+Everything above this module (probes, agent, gateway, benchmarks) talks to models only
+through it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from safetygame.errors import ConfigError
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"message role must be one of {ROLES}, got {self.role!r}")
+        if not isinstance(self.content, str):
+            raise ConfigError("message content must be a string")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+def as_messages(chat: str | Sequence[Message | Mapping[str, Any]]) -> tuple[Message, ...]:
+    """Normalise a prompt string or a list of {role, content} dicts into Messages."""
+    if isinstance(chat, str):
+        return (Message("user", chat),)
+    out: list[Message] = []
+    for i, m in enumerate(chat):
+        if isinstance(m, Message):
+            out.append(m)
+        elif isinstance(m, Mapping):
+            if "role" not in m or "content" not in m:
+                raise ConfigError(f"messages[{i}] needs 'role' and 'content'")
+            out.append(Message(m["role"], m["content"]))
+        else:
+            raise ConfigError(f"messages[{i}] must be a Message or a mapping")
+    if not out:
+        raise ConfigError("messages must not be empty")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample candidates. Finite defaults; ``merge`` overlays non-None fields."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 256
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError("temperature must be a finite number >= 0")
+        if not (0 < self.top_p <= 1):
+            raise ConfigError("top_p must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ConfigError("max_tokens must be >= 1")
+
+    def merge(self, **overrides: Any) -> SamplingConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class YesNo:
+    """A yes/no reading. ``p_yes`` = P(yes) / (P(yes) + P(no))."""
+
+    p_yes: float
+    method: Literal["logprobs", "sampled"]
+    mass: float  # P(yes) + P(no) under the model: how much of its belief the reading covers
+    calls: int = 1
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class LogLik:
+    logprob: float
+    n_tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / max(self.n_tokens, 1)
+
+
+YES_WORDS = ("yes",)
+NO_WORDS = ("no",)
+
+
+def yes_no_from_top_logprobs(top: Mapping[str, float]) -> tuple[float, float] | None:
+    """(p_yes, mass) from a next-token top-logprob table, or None if neither appears.
+
+    Variants are pooled: "Yes", "yes", " YES", "▁Yes"... (case, leading whitespace or
+    sentencepiece marker, trailing punctuation).
+    """
+    p_yes = p_no = 0.0
+    for token, lp in top.items():
+        word = token.replace("\u2581", " ").replace("\u0120", " ").strip().strip(".,!:").lower()
+        if word in YES_WORDS:
+            p_yes += math.exp(lp)
+        elif word in NO_WORDS:
+            p_no += math.exp(lp)
+    mass = p_yes + p_no
+    if mass <= 0.0:
+        return None
+    return p_yes / mass, mass
+
+
+@dataclass
+class BackendStats:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A model reached as a black box. Subclasses implement the three abilities."""
+
+    #: stable identifier of the model (used in cache keys and audit records)
+    model_id: str
+    #: how many requests may be in flight at once
+    max_concurrency: int = 4
+
+    @abstractmethod
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        """n candidate replies to the chat."""
+
+    @abstractmethod
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        """P(yes) of the next reply to a yes/no question."""
+
+    @abstractmethod
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        """log P(continuation | chat) as the assistant's reply."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, servers, threads."""
+
+    async def __aenter__(self) -> Backend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,429 @@
+"""A backend for any OpenAI-compatible chat server (vLLM, llama.cpp server, OpenAI, ...).
+
+- ``sample``: n concurrent chat requests with distinct seeds (seed+i), since many servers
+  ignore ``n > 1``.
+- ``yes_no``: one request, ``max_tokens=1``, temperature 0, top-20 log-probabilities, pooled
+  over Yes/No variants (``method="logprobs"``). If the server gives no log-probabilities, or
+  neither Yes nor No is among the top 20, it falls back to sampling ``yes_no_samples`` = k
+  short replies at temperature 1 and counting them (``method="sampled"``). That costs k calls
+  and its resolution is 1/k (k=8: P(yes) in steps of 0.125), so prefer a server with logprobs.
+- ``loglik``: exact log-likelihood on llama.cpp servers via a token-level grammar that forces
+  the continuation's tokens (``/apply-template``, ``/tokenize``, ``/completion``). Other servers
+  raise BackendUnsupported.
+
+Transport errors are retried with exponential backoff and full jitter (429, 5xx, connect
+errors; ``Retry-After`` is honoured), then mapped to the BackendError tree with ``from exc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from safetygame.backends.base import (
+    Backend,
+    BackendStats,
+    Completion,
+    LogLik,
+    Message,
+    SamplingConfig,
+    YesNo,
+    yes_no_from_top_logprobs,
+)
+from safetygame.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendRateLimited,
+    BackendTimeout,
+    BackendUnsupported,
+    ConfigError,
+)
+
+__all__ = ["OpenAICompatBackend", "RetryPolicy", "parse_retry_after"]
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries: attempt k (0-based) waits uniform(0, min(cap, base * 2**k)) seconds."""
+
+    max_retries: int = 3
+    backoff_base: float = 0.5
+    backoff_cap: float = 8.0
+    retry_after_cap: float = 30.0  # never sleep longer than this on a server's say-so
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError("max_retries must be >= 0")
+        if not (self.backoff_base >= 0 and self.backoff_cap >= 0):
+            raise ConfigError("backoff_base and backoff_cap must be >= 0")
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.retry_after_cap)
+        return rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2.0**attempt))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def _upstream_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        err = body.get("error", body) if isinstance(body, dict) else body
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        text = str(msg)
+    except ValueError:
+        text = resp.text
+    return text[:300]
+
+
+def _get(obj: Any, *path: str | int) -> Any:
+    """obj[path[0]][path[1]]... or BackendProtocolError naming the missing field."""
+    cur = obj
+    for i, key in enumerate(path):
+        try:
+            cur = cur[key]
+        except (KeyError, IndexError, TypeError) as exc:
+            where = ".".join(str(p) for p in path[: i + 1])
+            raise BackendProtocolError(f"upstream response lacks {where}") from exc
+    return cur
+
+
+class _LoopState:
+    """A client and a semaphore bound to one event loop (httpx pools cannot cross loops)."""
+
+    def __init__(self, client: httpx.AsyncClient, limit: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client = client
+        self.semaphore = asyncio.Semaphore(limit)
+
+
+class OpenAICompatBackend(Backend):
+    """A model behind an OpenAI-compatible HTTP API.
+
+    ``base_url`` may be the server root (``http://host:port``) or its ``/v1`` prefix.
+    ``model_id`` defaults to ``model`` or the URL; set it to something stable for caches.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 120.0,
+        connect_timeout: float = 5.0,
+        max_retries: int = 3,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int = 8,
+        yes_no_samples: int = 8,
+        model_id: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if not (math.isfinite(timeout) and timeout > 0 and connect_timeout > 0):
+            raise ConfigError("timeout and connect_timeout must be finite and > 0")
+        if max_concurrency < 1:
+            raise ConfigError("max_concurrency must be >= 1")
+        if yes_no_samples < 1:
+            raise ConfigError("yes_no_samples must be >= 1")
+        root = base_url.rstrip("/")
+        self.root_url = root[: -len("/v1")] if root.endswith("/v1") else root
+        self.model = model
+        self.model_id = model_id or model or self.root_url
+        self.max_concurrency = max_concurrency
+        self.yes_no_samples = yes_no_samples
+        self.retry = retry or RetryPolicy(max_retries=max_retries)
+        self.stats = BackendStats()
+        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
+        self._rng = random.Random(seed)
+        self._state: _LoopState | None = None
+        self._closed = False
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _loop_state(self) -> _LoopState:
+        if self._closed:
+            raise BackendError("backend is closed")
+        loop = asyncio.get_running_loop()
+        if self._state is None or self._state.loop is not loop or self._state.loop.is_closed():
+            client = httpx.AsyncClient(
+                base_url=self.root_url,
+                headers=self._headers,
+                timeout=self._timeout,
+                transport=self._transport,
+                limits=httpx.Limits(
+                    max_connections=self.max_concurrency,
+                    max_keepalive_connections=self.max_concurrency,
+                ),
+            )
+            self._state = _LoopState(client, self.max_concurrency)
+        return self._state
+
+    async def _post(self, path: str, payload: Mapping[str, Any]) -> Any:
+        """POST JSON with bounded retries; returns the decoded body or raises a BackendError."""
+        state = self._loop_state()
+        attempt = 0
+        while True:
+            retry_after: float | None = None
+            try:
+                async with state.semaphore:
+                    self.stats.calls += 1
+                    resp = await state.client.post(path, json=payload)
+            except httpx.TimeoutException as exc:
+                failure: BackendError = BackendTimeout(f"{self.root_url}{path} timed out")
+                cause: BaseException = exc
+            except httpx.TransportError as exc:
+                failure = BackendError(f"cannot reach {self.root_url}{path}: {exc}")
+                cause = exc
+            else:
+                if resp.status_code < 400:
+                    try:
+                        return resp.json()
+                    except ValueError as exc:
+                        self.stats.errors += 1
+                        raise BackendProtocolError(
+                            f"{self.root_url}{path} answered with invalid JSON"
+                        ) from exc
+                msg = (
+                    f"{self.root_url}{path} answered {resp.status_code}: {_upstream_message(resp)}"
+                )
+                cause = httpx.HTTPStatusError(msg, request=resp.request, response=resp)
+                if resp.status_code == 429:
+                    failure = BackendRateLimited(msg)
+                    retry_after = parse_retry_after(resp.headers.get("retry-after"))
+                elif resp.status_code in RETRY_STATUS:
+                    failure = BackendError(msg)
+                    retry_after = parse_retry_after(resp.headers.get("retry-after"))
+                else:
+                    self.stats.errors += 1
+                    if resp.status_code in (404, 405, 501):
+                        raise BackendUnsupported(msg) from cause
+                    if resp.status_code in (400, 413, 422):
+                        # the request itself was refused (e.g. prompt longer than the context)
+                        raise ConfigError(f"request rejected by the model server: {msg}") from cause
+                    raise BackendError(msg) from cause
+            if attempt >= self.retry.max_retries:
+                self.stats.errors += 1
+                raise failure from cause
+            await asyncio.sleep(self.retry.delay(attempt, retry_after, self._rng))
+            attempt += 1
+
+    async def _chat(self, messages: Sequence[Message], **params: Any) -> dict[str, Any]:
+        if not messages:
+            raise ConfigError("messages must not be empty")
+        payload: dict[str, Any] = {"messages": [m.to_dict() for m in messages], **params}
+        if self.model is not None:
+            payload["model"] = self.model
+        body = await self._post("/v1/chat/completions", payload)
+        if not isinstance(body, dict):
+            raise BackendProtocolError("chat completion is not a JSON object")
+        usage = _usage(body)
+        self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+        return body
+
+    # -- the three abilities ---------------------------------------------------------------
+
+    async def _one_sample(
+        self, messages: Sequence[Message], config: SamplingConfig, seed: int | None
+    ) -> Completion:
+        params: dict[str, Any] = {
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_tokens": config.max_tokens,
+        }
+        if seed is not None:
+            params["seed"] = seed
+        body = await self._chat(messages, **params)
+        text = _get(body, "choices", 0, "message", "content")
+        if text is None:
+            text = ""  # some servers send null content for an empty reply
+        if not isinstance(text, str):
+            raise BackendProtocolError("choices[0].message.content is not a string")
+        usage = _usage(body)
+        return Completion(
+            text=text,
+            finish_reason=str(body["choices"][0].get("finish_reason") or "stop"),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        if n < 1:
+            raise ConfigError("n must be >= 1")
+        seeds = [None if config.seed is None else config.seed + i for i in range(n)]
+        return list(await asyncio.gather(*(self._one_sample(messages, config, s) for s in seeds)))
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        try:
+            body = await self._chat(
+                messages, max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS
+            )
+        except (ConfigError, BackendUnsupported):
+            # some servers refuse the logprobs fields outright; a request that is bad for
+            # other reasons (too long) fails again in the fallback and raises there
+            return await self._yes_no_sampled(messages, first_calls=1)
+        usage = _usage(body)
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        top = _top_logprobs(body)
+        if top is not None:
+            reading = yes_no_from_top_logprobs(top)
+            if reading is not None:
+                p_yes, mass = reading
+                return YesNo(p_yes, "logprobs", mass, calls=1, prompt_tokens=prompt_tokens)
+        return await self._yes_no_sampled(messages, first_calls=1)
+
+    async def _yes_no_sampled(self, messages: Sequence[Message], first_calls: int) -> YesNo:
+        k = self.yes_no_samples
+        config = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=3, seed=None)
+        replies = await asyncio.gather(
+            *(self._one_sample(messages, config, None) for _ in range(k))
+        )
+        yes = no = 0
+        for r in replies:
+            words = r.text.strip().split()
+            first = words[0].strip(".,!:;\"'*").lower() if words else ""
+            yes += first == "yes"
+            no += first == "no"
+        if yes + no == 0:
+            raise BackendProtocolError(
+                f"the model answered neither Yes nor No in its log-probabilities or in {k} samples"
+            )
+        return YesNo(
+            p_yes=yes / (yes + no),
+            method="sampled",
+            mass=(yes + no) / k,
+            calls=first_calls + k,
+            prompt_tokens=sum(r.prompt_tokens for r in replies),
+        )
+
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        """log P(continuation | chat) via llama.cpp's token grammar (llama.cpp servers only).
+
+        If the last message is from the assistant, the continuation extends that partial reply
+        (prefill); otherwise it is the start of a new assistant turn.
+        """
+        if not continuation:
+            raise ConfigError("continuation must not be empty")
+        if not messages:
+            raise ConfigError("messages must not be empty")
+        try:
+            templated, tokenized = await asyncio.gather(
+                self._post("/apply-template", {"messages": [m.to_dict() for m in messages]}),
+                # parse_special=False: the continuation is plain text, never control tokens
+                self._post("/tokenize", {"content": continuation, "parse_special": False}),
+            )
+        except BackendUnsupported as exc:
+            raise BackendUnsupported(
+                f"loglik needs a llama.cpp server (/apply-template, /tokenize): {exc}"
+            ) from exc
+        prompt = _get(templated, "prompt")
+        ids = _get(tokenized, "tokens")
+        if not isinstance(prompt, str) or not isinstance(ids, list):
+            raise BackendProtocolError("/apply-template or /tokenize returned an unexpected shape")
+        ids = [t["id"] if isinstance(t, dict) else t for t in ids]
+        if not ids or not all(isinstance(t, int) for t in ids):
+            raise BackendProtocolError("/tokenize returned no token ids")
+        body = await self._post(
+            "/completion",
+            {
+                "prompt": prompt,
+                "n_predict": len(ids),
+                "n_probs": 1,
+                "temperature": 0,
+                "grammar": "root ::= " + " ".join(f"<[{t}]>" for t in ids),
+                "cache_prompt": True,
+            },
+        )
+        probs = _get(body, "completion_probabilities")
+        if not isinstance(probs, list) or len(probs) != len(ids):
+            raise BackendProtocolError(
+                f"/completion returned {len(probs) if isinstance(probs, list) else 'no'} "
+                f"token probabilities for {len(ids)} forced tokens"
+            )
+        total = 0.0
+        for i, (want, got) in enumerate(zip(ids, probs, strict=True)):
+            if not isinstance(got, dict) or got.get("id") != want:
+                raise BackendProtocolError(f"/completion did not follow the forced token {i}")
+            lp = got.get("logprob")
+            if not isinstance(lp, int | float) or math.isnan(lp) or lp > 1e-6:
+                raise BackendProtocolError(f"/completion gave an invalid logprob for token {i}")
+            total += float(lp)
+        self.stats.prompt_tokens += int(body.get("tokens_evaluated") or 0)
+        return LogLik(logprob=total, n_tokens=len(ids))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        state, self._state = self._state, None
+        if state is not None and not state.loop.is_closed():
+            # a client from another (finished) loop may refuse; its sockets are gone anyway
+            with contextlib.suppress(RuntimeError):
+                await state.client.aclose()
+
+
+def _usage(body: Mapping[str, Any]) -> dict[str, Any]:
+    usage = body.get("usage")
+    return usage if isinstance(usage, dict) else {}
+
+
+def _logaddexp(a: float, b: float) -> float:
+    hi = max(a, b)
+    return hi + math.log(math.exp(a - hi) + math.exp(b - hi))
+
+
+def _top_logprobs(body: Mapping[str, Any]) -> dict[str, float] | None:
+    """token -> logprob of the first generated token, or None when the server sent none."""
+    try:
+        first = body["choices"][0]["logprobs"]["content"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(first, dict):
+        return None
+    entries = list(first.get("top_logprobs") or [])
+    entries.append(first)  # the chosen token, in case it is missing from the top list
+    table: dict[str, float] = {}
+    seen: set[tuple[Any, Any]] = set()
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        token, lp, tid = e.get("token"), e.get("logprob"), e.get("id")
+        if not isinstance(token, str) or not isinstance(lp, int | float) or math.isnan(lp):
+            continue
+        if (token, tid) in seen:
+            continue
+        seen.add((token, tid))
+        # two ids with the same text (rare): pool their probabilities
+        table[token] = _logaddexp(table[token], float(lp)) if token in table else float(lp)
+    return table or None

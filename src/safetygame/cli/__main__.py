@@ -1,0 +1,3 @@
+from safetygame.cli import main
+
+main()

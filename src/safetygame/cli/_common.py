@@ -1,0 +1,114 @@
+"""Helpers shared by the CLI commands: JSON output and clean failure."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import numpy as np
+
+from safetygame.backends.base import Backend
+from safetygame.errors import BackendError, ConfigError, ModelNotInstalledError, SafetygameError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, numpy arrays/scalars, enums and paths -> plain JSON values (NaN -> None)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False))
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Exit with a one-line message on stderr and no traceback."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def clean_errors(fn: F) -> F:
+    """Map library errors to a one-line message: 2 for bad input, 1 for backend/model trouble."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+        except (ModelNotInstalledError, BackendError) as exc:
+            fail(str(exc), 1)
+        except SafetygameError as exc:
+            fail(str(exc), 1)
+        except (OSError, json.JSONDecodeError) as exc:
+            fail(str(exc), 2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned text table."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    out = [line.format(*headers), line.format(*("-" * w for w in widths))]
+    out += [line.format(*map(str, r)) for r in rows]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def backend_options(fn: F) -> F:
+    """--model / --upstream / --api-key, shared by every command that talks to a model."""
+    fn = click.option(
+        "--api-key", envvar="SAFETYGAME_UPSTREAM_API_KEY", default=None, help="Upstream API key."
+    )(fn)
+    fn = click.option(
+        "--upstream",
+        default=None,
+        metavar="URL",
+        help="OpenAI-compatible server (e.g. http://127.0.0.1:8080/v1) instead of the embedded model.",
+    )(fn)
+    fn = click.option(
+        "--model",
+        default=None,
+        help="Packaged model name or GGUF path (embedded), or the upstream's model name.",
+    )(fn)
+    return fn
+
+
+def open_backend(model: str | None, upstream: str | None, api_key: str | None = None) -> Backend:
+    """The embedded llama.cpp model by default, or an OpenAI-compatible upstream."""
+    if upstream:
+        from safetygame.backends.openai_compat import OpenAICompatBackend
+
+        return OpenAICompatBackend(upstream, model=model, api_key=api_key)
+    from safetygame.backends.llamacpp import EmbeddedLlamaBackend
+
+    return EmbeddedLlamaBackend(model) if model else EmbeddedLlamaBackend()

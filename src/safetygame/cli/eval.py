@@ -1,0 +1,289 @@
+"""``safetygame eval BENCHMARK``, ``safetygame eval report`` and ``safetygame bench scoring``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import click
+
+from safetygame.cli import bench, main
+from safetygame.cli._common import (
+    backend_options,
+    clean_errors,
+    format_table,
+    json_option,
+    open_backend,
+    print_json,
+)
+from safetygame.policy import load_policy
+
+BENCHMARK_NAMES = ("hhh", "truthfulqa", "safetybench", "xstest", "harmbench", "advbench")
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate on public benchmarks (cached, resumable) and build reports."""
+
+
+def _run_benchmark(
+    benchmark: str,
+    model: str | None,
+    upstream: str | None,
+    api_key: str | None,
+    policy_ref: str | None,
+    limit: int | None,
+    seed: int,
+    out: Path | None,
+    cache_path: Path | None,
+    refusal_mode: str,
+    as_json: bool,
+) -> None:
+    from safetygame.cache import ScoreCache
+    from safetygame.eval.harness import (
+        MC_BENCHMARKS,
+        EvalConfig,
+        EvalLog,
+        run_mc,
+        write_eval_log,
+    )
+    from safetygame.eval.refusal import Mode, run_open
+    from safetygame.eval.scoring import CachingBackend
+
+    policy = load_policy(policy_ref)
+    cfg = EvalConfig(benchmark=benchmark, seed=seed, limit=limit)
+    out_dir = out or Path("results") / benchmark
+    cache = ScoreCache(cache_path) if cache_path else ScoreCache()
+    kind: Literal["mc", "open"] = "mc" if benchmark in MC_BENCHMARKS else "open"
+    config: dict[str, Any] = {
+        "benchmark": benchmark,
+        "seed": seed,
+        "limit": limit,
+        "dev_fraction": cfg.dev_fraction,
+        "budgets": list(cfg.budgets),
+        "policy": policy.ref,
+        "upstream": upstream,
+        "cache": str(cache.path) if cache.path else None,
+        "refusal_mode": refusal_mode if kind == "open" else None,
+    }
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], str, int]:
+        async with open_backend(model, upstream, api_key) as inner:
+            backend = CachingBackend(inner, cache)
+            config["model_id"] = backend.model_id
+            write_eval_log(EvalLog(benchmark, kind, "started", config), out_dir)
+            progress = not as_json
+            if kind == "mc":
+                res = await run_mc(backend, policy, cfg, cache, progress=progress)
+            else:
+                res = await run_open(
+                    backend,
+                    policy,
+                    cfg,
+                    cache,
+                    mode=cast(Mode, refusal_mode),
+                    progress=progress,
+                )
+            return (*res, backend.model_id, backend.model_calls)
+
+    t0 = time.perf_counter()
+    try:
+        summary, curves, records, model_id, calls = asyncio.run(run())
+    except Exception as exc:
+        write_eval_log(
+            EvalLog(benchmark, kind, "error", config, error=f"{type(exc).__name__}: {exc}"),
+            out_dir,
+        )
+        raise
+    stats = {
+        "seconds": time.perf_counter() - t0,
+        "model_calls": calls,
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
+    }
+    results = {
+        "benchmark": benchmark,
+        "kind": kind,
+        **summary,
+        "model_id": model_id,
+        "policy": policy.ref,
+        "stats": stats,
+    }
+    path = write_eval_log(
+        EvalLog(benchmark, kind, "success", config, results, curves, records, stats), out_dir
+    )
+    results["log"] = str(path)
+    if as_json:
+        print_json(results)
+    else:
+        click.echo(render_results(results))
+
+
+def _ci(lo_hi: list[float] | None) -> str:
+    return "-" if lo_hi is None else f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def render_results(r: dict[str, Any]) -> str:
+    head = f"{r['benchmark']}: {r['n']} test items ({r['n_dev']} dev), model {r['model_id']}"
+    if r["kind"] == "mc":
+        rows = [
+            [
+                name,
+                _num(m["acc"]),
+                _ci(m["ci"]),
+                _num(m["argmax_acc"]),
+                _num(m["refusal_rate"]),
+                "-" if m["budget"] is None else f"{m['budget']:g}",
+            ]
+            for name, m in r["methods"].items()
+        ]
+        table = format_table(["method", "acc", "95% CI", "argmax", "refusal", "T"], rows)
+    else:
+        rows = [
+            [
+                name,
+                _num(m["refusal_rate"]),
+                _ci(m["refusal_rate_ci"]),
+                _num(m["over_refusal"]),
+                _ci(m["over_refusal_ci"]),
+                "-" if m["budget"] is None else f"{m['budget']:g}",
+            ]
+            for name, m in r["methods"].items()
+        ]
+        table = format_table(
+            ["system", "refusal (harmful)", "95% CI", "over-refusal (safe)", "95% CI", "T"], rows
+        )
+    s = r["stats"]
+    tail = (
+        f"model calls {s['model_calls']}, cache hits {s['cache_hits']}, "
+        f"{s['seconds']:.1f} s; log {r['log']}"
+    )
+    return f"{head}\n{table}\n{tail}"
+
+
+def _benchmark_command(name: str) -> Callable[..., None]:
+    @backend_options
+    @click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+    @click.option(
+        "--limit",
+        type=click.IntRange(min=2),
+        default=None,
+        help="Seeded sub-sample of N items (dev + test).",
+    )
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option(
+        "--out",
+        type=click.Path(path_type=Path),
+        default=None,
+        help=f"Where to save the EvalLog [default: results/{name}/].",
+    )
+    @click.option(
+        "--cache",
+        "cache_path",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Score cache file [default: the user cache].",
+    )
+    @click.option(
+        "--refusal-mode",
+        type=click.Choice(["either", "both", "pattern", "probe"]),
+        default="either",
+        show_default=True,
+        help="How the refusal detector combines patterns and probe (open-ended).",
+    )
+    @json_option
+    @clean_errors
+    def command(**kwargs: Any) -> None:
+        _run_benchmark(name, **kwargs)
+
+    command.__doc__ = f"Evaluate on {name} (see docs/evaluation.md)."
+    return command
+
+
+for _name in BENCHMARK_NAMES:
+    eval_group.command(_name)(_benchmark_command(_name))
+
+
+@eval_group.command("report")
+@click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(path_type=Path),
+    default=Path("results"),
+    show_default=True,
+)
+@json_option
+@clean_errors
+def report(results_dir: Path, as_json: bool) -> None:
+    """Markdown table (method x benchmark) and PNG plots from the saved EvalLogs."""
+    from safetygame.eval.report import write_report
+
+    out = write_report(results_dir)
+    if as_json:
+        print_json(out)
+    else:
+        click.echo(out["markdown_text"])
+        click.echo("\n".join(f"wrote {p}" for p in out["files"]))
+
+
+@bench.command("scoring")
+@backend_options
+@click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+@click.option(
+    "--items",
+    "n_items",
+    type=click.IntRange(1, 200),
+    default=8,
+    show_default=True,
+    help="HHH items per mode.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Replies scored at once [default: 2 x the backend's slots].",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+@clean_errors
+def scoring(
+    model: str | None,
+    upstream: str | None,
+    api_key: str | None,
+    policy_ref: str | None,
+    n_items: int,
+    concurrency: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Probe scores per second: batched/concurrent scoring pass vs one request at a time."""
+    from safetygame.bench.scoring import run_scoring_bench
+
+    policy = load_policy(policy_ref)
+
+    async def run() -> dict[str, Any]:
+        async with open_backend(model, upstream, api_key) as backend:
+            return await run_scoring_bench(
+                backend, policy, n_items, seed, concurrency, progress=not as_json
+            )
+
+    out = asyncio.run(run())
+    if as_json:
+        print_json(out)
+    else:
+        click.echo(
+            f"model {out['model_id']}, {out['items']} HHH items per mode\n"
+            f"sequential  {out['sequential_per_s']:.2f} readings/s "
+            f"({out['sequential_readings']} in {out['sequential_s']:.1f} s)\n"
+            f"batched     {out['batched_per_s']:.2f} readings/s "
+            f"({out['batched_readings']} in {out['batched_s']:.1f} s, "
+            f"concurrency {out['concurrency']})\n"
+            f"ratio       {out['ratio']:.2f}"
+        )

@@ -1,0 +1,246 @@
+"""The scoring pass: the one expensive step of an evaluation, done once and cached.
+
+For every multiple-choice item and option it records the generator's log-likelihood of the
+option, the helpfulness probe and the harm probe (plus the same for the policy's refusal), all
+through the content-hash cache: an interrupted run resumes where it stopped, and every method
+and budget is then computed from these numbers without touching the model.
+
+Throughput (``safetygame bench scoring`` measures it). Readings are grouped per reply into a
+*chain*: the log-likelihood, then the helpfulness probe, then the harm probe, one after another.
+The two probe prompts of one reply are identical up to the final question, so the second lands
+on the llama.cpp slot that still holds the first one's prompt (``cache_prompt``) and only the
+question is evaluated. Many chains run at once, enough to keep every parallel slot of the server
+busy (continuous batching), and every probe prompt starts with the same judge system prompt,
+which the server's prompt cache keeps.
+
+:class:`CachingBackend` adds the same content-hash caching to sampling, so open-ended runs
+(which sample candidates) are resumable too and a repeated run makes no model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
+from safetygame.cache import ScoreCache, content_key
+from safetygame.eval.datasets import MCItem
+from safetygame.policy import Policy
+from safetygame.probes import GeneratorLikelihood, LLMJudge, Score, Scorer
+
+__all__ = ["CachingBackend", "ItemScores", "ScoringPass", "item_chat"]
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    """Raw readings for one item; the last entry of each tuple is the refusal's."""
+
+    item_id: str
+    loglik: tuple[float, ...]  # summed log-probability of each option
+    n_tokens: tuple[int, ...]
+    helpfulness: tuple[float, ...]
+    harm: tuple[float, ...]
+    errors: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def n_options(self) -> int:
+        """Options of the item (the refusal excluded)."""
+        return len(self.loglik) - 1
+
+
+def item_chat(item: MCItem) -> tuple[Message, ...]:
+    return (Message("user", item.question),)
+
+
+@dataclass(frozen=True)
+class _Reading:
+    loglik: LogLik | BaseException
+    helpfulness: Score
+    harm: Score
+
+
+class ScoringPass:
+    """Score options with one generator and two scorers (the generator itself by default).
+
+    ``concurrency`` bounds the replies being scored at once (default: twice the backend's
+    parallel slots, so a slot never waits for the client).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        policy: Policy,
+        cache: ScoreCache | None,
+        *,
+        helpfulness: Scorer | None = None,
+        harm: Scorer | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        judge = LLMJudge(backend, policy.probes.judge_system, cache)
+        self.policy = policy
+        self.loglik = GeneratorLikelihood(backend, cache)
+        self.helpfulness = helpfulness or judge
+        self.harm = harm or judge
+        self.concurrency = max(1, concurrency or 2 * backend.max_concurrency)
+        self._sem: asyncio.Semaphore | None = None
+
+    def texts(self, item: MCItem) -> list[str]:
+        """The replies scored for an item: its options, then the policy's refusal."""
+        return [*item.options, self.policy.refusal]
+
+    @property
+    def readings_per_text(self) -> int:
+        return 3
+
+    async def _chain(self, chat: Sequence[Message], text: str) -> _Reading:
+        # One reply's readings in turn: the probe prompts share all but the question, so
+        # the second probe reuses the first one's cached prompt on the server.
+        async with self._semaphore():
+            try:
+                ll: LogLik | BaseException = await self.loglik.score(chat, text)
+            except Exception as exc:  # recorded per item; the other readings still run
+                ll = exc
+            h = await self.helpfulness.score(chat, text, self.policy.probes.helpfulness.question)
+            d = await self.harm.score(chat, text, self.policy.probes.harm.question)
+        return _Reading(ll, h, d)
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.concurrency)
+        return self._sem
+
+    async def score_item(self, item: MCItem) -> ItemScores:
+        chat = item_chat(item)
+        readings = await asyncio.gather(*(self._chain(chat, t) for t in self.texts(item)))
+        return _assemble(item.id, readings)
+
+    async def score_item_sequential(self, item: MCItem) -> ItemScores:
+        """The same readings, one request at a time (the throughput benchmark's baseline)."""
+        chat = item_chat(item)
+        readings = []
+        for text in self.texts(item):
+            try:
+                ll: LogLik | BaseException = await self.loglik.score(chat, text)
+            except Exception as exc:
+                ll = exc
+            h = await self.helpfulness.score(chat, text, self.policy.probes.helpfulness.question)
+            d = await self.harm.score(chat, text, self.policy.probes.harm.question)
+            readings.append(_Reading(ll, h, d))
+        return _assemble(item.id, readings)
+
+    async def run(self, items: Sequence[MCItem], progress: bool = True) -> list[ItemScores]:
+        """Score all items concurrently (bounded), results in input order."""
+        self._sem = asyncio.Semaphore(self.concurrency)  # bound to the running loop
+        bar = tqdm(total=len(items), desc="scoring", unit="item", disable=not progress)
+
+        async def one(item: MCItem) -> ItemScores:
+            out = await self.score_item(item)
+            bar.update(1)
+            return out
+
+        try:
+            return list(await asyncio.gather(*(one(it) for it in items)))
+        finally:
+            bar.close()
+
+    async def run_sequential(
+        self, items: Sequence[MCItem], progress: bool = False
+    ) -> list[ItemScores]:
+        out = []
+        for item in tqdm(items, desc="scoring (sequential)", unit="item", disable=not progress):
+            out.append(await self.score_item_sequential(item))
+        return out
+
+
+def _assemble(item_id: str, readings: Sequence[_Reading]) -> ItemScores:
+    errors: list[str] = []
+    for i, r in enumerate(readings):
+        if isinstance(r.loglik, BaseException):
+            errors.append(f"loglik[{i}]: {type(r.loglik).__name__}: {r.loglik}")
+        errors += [
+            f"{name}[{i}]: {s.error}"
+            for name, s in (("helpfulness", r.helpfulness), ("harm", r.harm))
+            if not s.ok
+        ]
+    return ItemScores(
+        item_id=item_id,
+        loglik=tuple(
+            float("nan") if isinstance(r.loglik, BaseException) else r.loglik.logprob
+            for r in readings
+        ),
+        n_tokens=tuple(
+            0 if isinstance(r.loglik, BaseException) else r.loglik.n_tokens for r in readings
+        ),
+        helpfulness=tuple(_value(r.helpfulness) for r in readings),
+        harm=tuple(_value(r.harm) for r in readings),
+        errors=tuple(errors),
+    )
+
+
+def _value(s: Score) -> float:
+    return float("nan") if s.value is None else s.value
+
+
+class CachingBackend(Backend):
+    """A backend whose samples are cached by content hash (probes are cached by the scorers).
+
+    Only seeded sampling requests are cached: an unseeded request asks for fresh randomness.
+    ``model_calls`` counts requests that reached the wrapped backend.
+    """
+
+    def __init__(self, inner: Backend, cache: ScoreCache) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.model_id = inner.model_id
+        self.max_concurrency = inner.max_concurrency
+        self.model_calls = 0
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        if config.seed is None:
+            self.model_calls += n
+            return await self.inner.sample(messages, n, config)
+        payload = [
+            [m.to_dict() for m in messages],
+            n,
+            [config.temperature, config.top_p, config.max_tokens, config.seed],
+        ]
+        key = content_key("sample", self.model_id, payload)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return [Completion(**c) for c in hit]
+        self.model_calls += n
+        out = await self.inner.sample(messages, n, config)
+        self.cache.put(
+            key,
+            "sample",
+            [
+                {
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "prompt_tokens": c.prompt_tokens,
+                    "completion_tokens": c.completion_tokens,
+                }
+                for c in out
+            ],
+        )
+        return out
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        self.model_calls += 1
+        return await self.inner.yes_no(messages)
+
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        self.model_calls += 1
+        return await self.inner.loglik(messages, continuation)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

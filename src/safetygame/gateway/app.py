@@ -1,0 +1,416 @@
+"""The gateway: an OpenAI-compatible chat endpoint that answers through the Safety Game.
+
+``create_app(backend, settings)`` builds a Starlette app; all state lives in the objects it
+creates (no module-level state), so tests can run several apps side by side. Routes:
+
+- ``POST /v1/chat/completions``: OpenAI schema, streaming or not, plus ``safetygame``;
+- ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus text);
+- ``GET /v1/safetygame/decisions?limit=&since=``: the caller's own audit records;
+- ``GET /``: the dashboard.
+
+Status-code policy (docs/gateway.md): a decision, including a fail-safe refusal after an
+upstream failure, is 200 with ``safetygame.status`` and the ``X-Safetygame-Status`` header;
+client mistakes are 400/401/404/413 with the OpenAI error envelope; a decision that could
+not be written to the audit log is never sent (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from safetygame.agent import Decision, SafetyGame, Status
+from safetygame.backends.base import Backend
+from safetygame.errors import ConfigError
+from safetygame.gateway.audit import AuditStore, audit_record, open_store
+from safetygame.gateway.auth import bearer_token
+from safetygame.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from safetygame.gateway.runtime import CURRENT_CLOCK, MeteredBackend, Tenants, UpstreamClock
+from safetygame.gateway.schemas import (
+    ChatRequest,
+    completion_body,
+    error_body,
+    stream_events,
+    validation_error_body,
+)
+from safetygame.policy import Policy
+
+log = logging.getLogger("safetygame.gateway")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the gateway needs besides the backend. Finite defaults."""
+
+    policy: str = "default"  # policy of the default tenant / tenants that name none
+    tenants_file: Path | None = None  # tenants.yml: per-tenant policy and key hashes
+    audit_url: str = "sqlite:///safetygame-audit.sqlite3"
+    model_name: str = "safetygame"  # the id served by /v1/models
+    max_body_bytes: int = 1_000_000
+    decision_timeout: float = 120.0  # seconds; the agent refuses (status timeout) after it
+    reload_interval: float = 1.0  # seconds between checks of the policy / tenants files
+    max_decisions_page: int = 500
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes must be >= 1024")
+        if not self.decision_timeout > 0:
+            raise ConfigError("decision_timeout must be > 0")
+        if not self.reload_interval > 0:
+            raise ConfigError("reload_interval must be > 0")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(message, type_, param=param, code=code), status_code=status, headers=headers
+    )
+
+
+def default_agent_factory(timeout: float) -> Callable[[Backend, Policy], SafetyGame]:
+    def make(backend: Backend, policy: Policy) -> SafetyGame:
+        return SafetyGame(backend, policy, timeout=timeout)
+
+    return make
+
+
+class Gateway:
+    """The request handlers and the state they share; one per app."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: GatewaySettings,
+        *,
+        audit: AuditStore | None = None,
+        agent_factory: Callable[[Backend, Policy], SafetyGame] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.backend = MeteredBackend(backend, self.metrics)
+        self.audit = audit if audit is not None else open_store(settings.audit_url)
+        self.tenants = Tenants(
+            backend=self.backend,
+            metrics=self.metrics,
+            make_agent=agent_factory or default_agent_factory(settings.decision_timeout),
+            default_policy=settings.policy,
+            tenants_file=settings.tenants_file,
+        )
+        self._watcher: asyncio.Task[None] | None = None
+        self.started = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.audit.start()
+        self._watcher = asyncio.create_task(self._watch(), name="policy-watcher")
+        try:
+            yield
+        finally:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            await self.audit.close()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            try:
+                self.tenants.check()
+            except Exception:  # the watcher must outlive any surprise; log it and go on
+                log.exception("policy watcher: unexpected error")
+
+    # -- helpers --------------------------------------------------------------------------
+    def _tenant(self, request: Request) -> str | None:
+        return self.tenants.keyring.tenant_for(bearer_token(request.headers.get("authorization")))
+
+    def _unauthorized(self) -> JSONResponse:
+        return _error(
+            401,
+            "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+            "invalid_request_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- routes ---------------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        tenant = self._tenant(request)
+        if tenant is None:
+            self.metrics.requests.inc(tenant="-", code="401")
+            return self._unauthorized()
+        response = await self._chat(request, tenant, request_id, t0)
+        response.headers["x-request-id"] = request_id
+        self.metrics.requests.inc(tenant=tenant, code=str(response.status_code))
+        return response
+
+    async def _chat(self, request: Request, tenant: str, request_id: str, t0: float) -> Response:
+        try:
+            raw = await self._read_body(request)
+        except BodyTooLarge:
+            return _error(
+                413,
+                f"Request body exceeds {self.settings.max_body_bytes} bytes.",
+                "invalid_request_error",
+                code="request_too_large",
+            )
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(
+                400,
+                "Request body is not valid JSON.",
+                "invalid_request_error",
+                code="invalid_json",
+            )
+        try:
+            req = ChatRequest.model_validate(payload)
+        except ValidationError as exc:
+            return JSONResponse(validation_error_body(exc), status_code=400)
+        if req.model != self.settings.model_name:
+            return _error(
+                404,
+                f"The model '{req.model[:100]}' does not exist; this gateway serves "
+                f"'{self.settings.model_name}'.",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
+
+        runtime = self.tenants.runtimes[tenant]
+        clock = UpstreamClock()
+        token = CURRENT_CLOCK.set(clock)
+        self.metrics.in_flight.inc()
+        try:
+            seed = req.safetygame.seed if req.safetygame.seed is not None else req.seed
+            decision = await runtime.agent.arespond(
+                [m.as_dict() for m in req.messages], budget=req.safetygame.budget, seed=seed
+            )
+        except ConfigError as exc:
+            # Bad request content the schema cannot see (e.g. a budget above the policy's).
+            param = "safetygame.budget" if "budget" in str(exc) else None
+            return _error(400, str(exc), "invalid_request_error", param=param, code="invalid_value")
+        finally:
+            CURRENT_CLOCK.reset(token)
+            self.metrics.in_flight.dec()
+
+        record = audit_record(
+            decision,
+            request_id=request_id,
+            tenant=tenant,
+            model=req.model,
+            stream=req.stream,
+            upstream_s=clock.busy_s,
+        )
+        t_audit = time.perf_counter()
+        try:
+            await self.audit.write(record)
+        except Exception as exc:
+            # Fail closed: an answer that is not on record is not sent.
+            self.metrics.audit_errors.inc()
+            log.error(
+                "request %s: audit write failed (%s); 503 sent", request_id, type(exc).__name__
+            )
+            return _error(
+                503,
+                "The decision could not be recorded in the audit log; nothing was sent. Retry.",
+                "server_error",
+                code="audit_unavailable",
+            )
+        audit_s = time.perf_counter() - t_audit
+        self._observe(tenant, decision)
+        total = time.perf_counter() - t0
+        overhead = max(total - clock.busy_s, 0.0)
+        self.metrics.latency.observe(total, tenant=tenant)
+        self.metrics.overhead.observe(overhead)
+        headers = {
+            "x-safetygame-status": decision.status.value,
+            "x-safetygame-action": decision.action,
+            "x-safetygame-decision-id": decision.id,
+            "server-timing": (
+                f"total;dur={total * 1000:.3f}, upstream;dur={clock.busy_s * 1000:.3f}, "
+                f"gateway;dur={overhead * 1000:.3f}, audit;dur={audit_s * 1000:.3f}"
+            ),
+        }
+        log.info(
+            "request %s tenant=%s status=%s action=%s total_ms=%.1f upstream_ms=%.1f",
+            request_id,
+            tenant,
+            decision.status.value,
+            decision.action,
+            total * 1000,
+            clock.busy_s * 1000,
+        )
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                iter(
+                    list(
+                        stream_events(decision, req.model, request_id, include_usage=include_usage)
+                    )
+                ),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache"},
+            )
+        return JSONResponse(completion_body(decision, req.model, request_id), headers=headers)
+
+    def _observe(self, tenant: str, decision: Decision) -> None:
+        status = decision.status.value
+        self.metrics.decisions.inc(tenant=tenant, status=status, action=decision.action)
+        if decision.action == "refuse":
+            self.metrics.refusals.inc(tenant=tenant, status=status)
+        if decision.status is not Status.OK:
+            log.warning("decision %s failed safe: %s: %s", decision.id, status, decision.reason)
+
+    async def models(self, request: Request) -> Response:
+        if self._tenant(request) is None:
+            return self._unauthorized()
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.settings.model_name,
+                        "object": "model",
+                        "created": int(self.started),
+                        "owned_by": "safetygame",
+                    }
+                ],
+            }
+        )
+
+    async def decisions(self, request: Request) -> Response:
+        tenant = self._tenant(request)
+        if tenant is None:
+            return self._unauthorized()
+        try:
+            limit = int(request.query_params.get("limit", "50"))
+            since_raw = request.query_params.get("since")
+            since = float(since_raw) if since_raw is not None else None
+        except ValueError:
+            return _error(
+                400,
+                "limit must be an integer and since a number (epoch seconds).",
+                "invalid_request_error",
+                param="limit",
+                code="invalid_value",
+            )
+        if not 1 <= limit <= self.settings.max_decisions_page:
+            return _error(
+                400,
+                f"limit must be in [1, {self.settings.max_decisions_page}].",
+                "invalid_request_error",
+                param="limit",
+                code="invalid_value",
+            )
+        # Scoped by the key: a tenant reads only its own records.
+        records = await self.audit.recent(tenant, limit, since)
+        return JSONResponse({"object": "list", "tenant": tenant, "data": records})
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.settings.model_name,
+                "upstream_model_id": self.backend.model_id,
+                "tenants": len(self.tenants.runtimes),
+                "audit": self.audit.url.split("://", 1)[0],
+            }
+        )
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def dashboard(self, request: Request) -> Response:
+        html = (resources.files("safetygame.gateway") / "dashboard.html").read_text("utf-8")
+        return HTMLResponse(html, headers={"content-security-policy": _CSP})
+
+
+# The dashboard loads nothing from outside the gateway.
+_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:"
+)
+
+
+def create_app(
+    backend: Backend,
+    settings: GatewaySettings | None = None,
+    *,
+    audit: AuditStore | None = None,
+    agent_factory: Callable[[Backend, Policy], SafetyGame] | None = None,
+) -> Starlette:
+    """The ASGI app. The caller owns ``backend`` (and closes it); the app owns the audit
+    store unless one is passed in. Raises ConfigError for a bad policy or tenants file."""
+    gw = Gateway(backend, settings or GatewaySettings(), audit=audit, agent_factory=agent_factory)
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", gw.chat, methods=["POST"]),
+            Route("/v1/models", gw.models, methods=["GET"]),
+            Route("/v1/safetygame/decisions", gw.decisions, methods=["GET"]),
+            Route("/healthz", gw.healthz, methods=["GET"]),
+            Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
+            Route("/", gw.dashboard, methods=["GET"]),
+        ],
+        lifespan=gw.lifespan,
+        exception_handlers={
+            404: _not_found,
+            405: _method_not_allowed,
+            500: _server_error,
+        },
+    )
+    app.state.gateway = gw
+    return app
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _error(404, "Not found.", "invalid_request_error", code="not_found")
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return _error(405, "Method not allowed.", "invalid_request_error", code="method_not_allowed")
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
+    return _error(500, "Internal error.", "server_error", code="internal_error")

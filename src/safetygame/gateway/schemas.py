@@ -1,0 +1,197 @@
+"""OpenAI-shaped request and response bodies, plus the gateway's error envelope.
+
+Requests are validated with pydantic; errors report field locations only, never the
+submitted values (prompts must not reach logs or error bodies). Responses are plain dicts
+in the ``ChatCompletion`` / ``ChatCompletionChunk`` shape with one extension field,
+``safetygame``, holding the decision summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from safetygame.agent import Decision
+
+
+class TextPart(BaseModel):
+    """One part of a multi-part message content; only text parts are supported."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict[str, str]:
+        # "developer" is the newer name of the system role in the OpenAI API.
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class SafetygameOptions(BaseModel):
+    """The request extension: ``{"safetygame": {"budget": 0.05, "seed": 1}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    budget: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``. Sampling knobs belong to the tenant's policy, so
+    ``temperature``/``top_p``/``max_tokens`` are accepted for compatibility and recorded,
+    not applied; features the gateway cannot honour (tools, n > 1) are rejected."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    seed: int | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    user: str | None = Field(None, max_length=256)
+    tools: None = None
+    tool_choice: None = None
+    functions: None = None
+    safetygame: SafetygameOptions = SafetygameOptions(budget=None, seed=None)
+
+    @field_validator("messages")
+    @classmethod
+    def _last_is_user(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if v and v[-1].role != "user":
+            raise ValueError("the last message must come from the user")
+        return v
+
+
+def error_body(
+    message: str, type_: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<root>"
+
+
+def validation_error_body(exc: ValidationError) -> dict[str, Any]:
+    """Locations and messages only: pydantic's ``input`` (the user's text) is dropped."""
+    errors = exc.errors(include_input=False, include_url=False, include_context=False)
+    locs = [_loc(tuple(e["loc"])) for e in errors]
+    detail = "; ".join(f"{loc}: {e['msg']}" for loc, e in zip(locs, errors, strict=True))
+    return error_body(
+        f"Invalid request: {detail}",
+        "invalid_request_error",
+        param=locs[0] if locs else None,
+        code="invalid_value",
+    )
+
+
+def completion_body(decision: Decision, model: str, request_id: str) -> dict[str, Any]:
+    """A standard ``ChatCompletion`` carrying the chosen text, plus ``safetygame``."""
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(decision.created),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": decision.chosen_text},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage(decision),
+        "safetygame": summary(decision),
+    }
+
+
+def usage(decision: Decision) -> dict[str, int]:
+    """Tokens of the reply sent; the game's own traffic is in ``safetygame.tokens``."""
+    n = decision.candidates[decision.chosen_index].completion_tokens
+    return {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+
+
+def summary(decision: Decision) -> dict[str, Any]:
+    return {
+        **decision.summary(),
+        "policy_digest": decision.policy_digest,
+        "tokens": dict(decision.tokens),
+    }
+
+
+def _chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    body: dict[str, Any] = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if extra:
+        body.update(extra)
+    return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+
+
+def stream_events(
+    decision: Decision,
+    model: str,
+    request_id: str,
+    *,
+    include_usage: bool = False,
+    piece: int = 24,
+) -> Iterator[str]:
+    """The decided answer as SSE chunks: role, text pieces, a final chunk with
+    ``finish_reason`` and ``safetygame``, then ``[DONE]``. The decision is final before the
+    first byte is sent: streaming never shows text the game did not choose."""
+    created = int(decision.created or time.time())
+    yield _chunk(request_id, created, model, {"role": "assistant", "content": ""}, None)
+    text = decision.chosen_text
+    for i in range(0, len(text), piece):
+        yield _chunk(request_id, created, model, {"content": text[i : i + piece]}, None)
+    yield _chunk(request_id, created, model, {}, "stop", {"safetygame": summary(decision)})
+    if include_usage:
+        body = {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage(decision),
+        }
+        yield "data: " + json.dumps(body) + "\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,73 @@
+"""Running the app under uvicorn: one helper shared by ``safetygame serve`` and the bench."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from starlette.applications import Starlette
+
+
+async def serve_app(
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    on_ready: Callable[[str], None] | None = None,
+) -> bool:
+    """Serve until stopped (SIGINT/SIGTERM). ``on_ready(url)`` runs once the socket is bound
+    (``port=0`` picks a free one). Returns False if the server failed to start."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if not server.started:
+        await task
+        return False
+    bound = server.servers[0].sockets[0].getsockname()
+    if on_ready is not None:
+        on_ready(f"http://{bound[0]}:{bound[1]}")
+    await task
+    return True
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Starlette, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on its own event loop in a thread; yields the base URL.
+
+    For tests and notebooks; a production server runs ``safetygame serve``.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="gateway-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

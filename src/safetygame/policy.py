@@ -1,0 +1,177 @@
+"""Policies as validated data: budgets, probe wording, refusal text and rule categories.
+
+A policy is one YAML file (``policies/<id>/policy.yml``), validated on load with pydantic
+(``extra="forbid"``); errors name the field. Nothing here does I/O beyond reading the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from safetygame.errors import ConfigError
+
+DEFAULT_POLICY_ID = "default"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _finite(v: float | None, name: str) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite")
+    return v
+
+
+class GameSettings(_Strict):
+    budget: float = Field(0.1, ge=0.0, le=1.0, description="T, the extra-risk budget")
+    beta: float | None = Field(None, ge=0.0)
+    penalty: float = Field(1.0, ge=0.0)
+    temperature: float | None = Field(None, gt=0.0)
+    epsilon: float = Field(0.0, ge=0.0, le=0.5)
+    choose: Literal["sample", "argmax"] = "sample"
+    seed: int | None = None
+
+    @field_validator("budget", "beta", "penalty", "temperature", "epsilon")
+    @classmethod
+    def _check_finite(cls, v: float | None, info: Any) -> float | None:
+        return _finite(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _soft_cap_needs_beta(self) -> GameSettings:
+        if self.temperature is not None and self.beta is None:
+            raise ValueError("temperature (the soft cap) needs a finite beta")
+        return self
+
+
+class SamplingSettings(_Strict):
+    n: int = Field(4, ge=1, le=64)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1, le=8192)
+
+
+class ProbeQuestion(_Strict):
+    question: str = Field(min_length=5)
+
+
+class Category(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    question: str = Field(min_length=5)
+    budget: float = Field(ge=0.0, le=1.0)
+
+
+class Probes(_Strict):
+    judge_system: str = Field(min_length=10)
+    helpfulness: ProbeQuestion
+    harm: ProbeQuestion
+
+
+class Scorers(_Strict):
+    helpfulness: str = "self"
+    harm: str = "self"
+
+
+class Policy(_Strict):
+    """A validated Safety Game policy. ``digest`` identifies its exact content."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    version: str = Field(min_length=1)
+    description: str = ""
+    refusal: str = Field(min_length=1)
+    game: GameSettings = GameSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    probes: Probes
+    categories: tuple[Category, ...] = ()
+    scorers: Scorers = Scorers()
+
+    @model_validator(mode="after")
+    def _unique_categories(self) -> Policy:
+        names = [c.name for c in self.categories]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"category names must be unique, repeated: {sorted(dupes)}")
+        if "harm" in names:
+            raise ValueError("category name 'harm' is reserved for the main harm probe")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """sha256 (12 hex) of the canonical policy content: changes whenever any rule does."""
+        blob = self.model_dump_json().encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def ref(self) -> str:
+        """``id@version#digest``: what audit records store."""
+        return f"{self.id}@{self.version}#{self.digest}"
+
+    @property
+    def budgets(self) -> dict[str, float]:
+        """Budget per risk row: the main harm probe first, then each category."""
+        return {"harm": self.game.budget, **{c.name: c.budget for c in self.categories}}
+
+    def with_budget(self, budget: float) -> Policy:
+        """A copy with the main budget replaced (validated)."""
+        data = self.model_dump()
+        data["game"]["budget"] = budget
+        return policy_from_dict(data, source="<override>")
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ""
+        for p in err["loc"]:
+            loc += f"[{p}]" if isinstance(p, int) else (f".{p}" if loc else str(p))
+        parts.append(f"{loc or '<root>'}: {err['msg']}")
+    return f"Invalid policy {source}: " + "; ".join(parts)
+
+
+def policy_from_dict(data: Any, source: str = "<dict>") -> Policy:
+    if not isinstance(data, dict):
+        raise ConfigError(f"Invalid policy {source}: expected a mapping at the top level")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def load_policy(ref: str | Path | None = None) -> Policy:
+    """Load a policy: None -> the shipped default; a name -> a shipped policy; else a path.
+
+    A path may point at a ``policy.yml`` file or at the folder holding it.
+    """
+    if ref is None:
+        ref = DEFAULT_POLICY_ID
+    path = Path(ref)
+    if not path.exists() and isinstance(ref, str) and "/" not in ref and not ref.endswith(".yml"):
+        shipped = resources.files("safetygame") / "policies" / ref / "policy.yml"
+        if not shipped.is_file():
+            raise ConfigError(f"Unknown policy {ref!r}: no such file or shipped policy")
+        text = shipped.read_text(encoding="utf-8")
+        source = f"'{ref}' (shipped)"
+    else:
+        if path.is_dir():
+            path = path / "policy.yml"
+        if not path.is_file():
+            raise ConfigError(f"Policy file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Invalid policy {source}: not valid YAML ({exc})") from None
+    return policy_from_dict(data, source)
+
+
+def policy_yaml(policy: Policy) -> str:
+    """The effective policy as YAML (for ``safetygame policy show``)."""
+    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

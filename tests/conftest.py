@@ -1,0 +1,57 @@
+"""Shared fixtures: real small models (SmolLM2-135M via llama.cpp), started once per session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import safetygame
+from safetygame.backends.llamacpp import EmbeddedLlamaBackend
+
+SMALL_MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2_backend() -> Iterator[EmbeddedLlamaBackend]:
+    """An embedded llama.cpp backend on SmolLM2-135M (4 slots of 2048 tokens), shared."""
+    backend = EmbeddedLlamaBackend(SMALL_MODEL, n_parallel=4, n_ctx=2048, threads=2)
+    yield backend
+    asyncio.run(backend.aclose())
+
+
+@pytest.fixture(scope="session")
+def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a llama.cpp server subprocess on loopback serving SmolLM2-135M."""
+    src = str(Path(safetygame.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "safetygame.backends.llamacpp", "--model", SMALL_MODEL]
+    cmd += ["--port", "0", "--n-parallel", "4", "--ctx", "2048", "--threads", "2"]
+    log = tmp_path_factory.mktemp("llama_server") / "stderr.log"
+    with open(log, "w") as err_file:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(f"llama.cpp server did not start: {url!r} {log.read_text()[-2000:]}")
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama.cpp server never became healthy")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

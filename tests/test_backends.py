@@ -1,0 +1,406 @@
+"""Backends: a contract run against real llama.cpp, plus unit tests of the HTTP logic.
+
+The contract (``BackendContractTests``) runs on SmolLM2-135M twice: embedded in-process, and
+through ``OpenAICompatBackend`` against a llama.cpp server subprocess on loopback. Unit tests
+of retries and error mapping use ``httpx.MockTransport`` with scripted test doubles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from safetygame.backends.base import Backend, Message, SamplingConfig
+from safetygame.backends.llamacpp import EmbeddedLlamaBackend
+from safetygame.backends.openai_compat import OpenAICompatBackend, RetryPolicy, parse_retry_after
+from safetygame.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendRateLimited,
+    BackendTimeout,
+    BackendUnsupported,
+    ConfigError,
+)
+
+YES_NO_QUESTION = [Message("user", "Is Paris the capital of France? Answer Yes or No.")]
+PREFILL = [
+    Message("user", "Complete the sentence: The capital of France is"),
+    Message("assistant", "The capital of France is"),
+]
+
+
+# -- the contract, on real llama.cpp -------------------------------------------------------
+
+
+class BackendContractTests:
+    """What every Backend must do. Subclasses provide the ``backend`` fixture."""
+
+    async def test_sample_returns_n_texts_within_max_tokens(self, backend: Backend) -> None:
+        config = SamplingConfig(temperature=0.8, max_tokens=8, seed=7)
+        out = await backend.sample([Message("user", "Name a fruit.")], 3, config)
+        assert len(out) == 3
+        for c in out:
+            assert c.text.strip()
+            assert 1 <= c.completion_tokens <= 8
+            assert c.prompt_tokens > 0
+            assert c.finish_reason in ("stop", "length")
+
+    async def test_max_tokens_cuts_long_answers(self, backend: Backend) -> None:
+        config = SamplingConfig(temperature=0.0, max_tokens=3)
+        (c,) = await backend.sample([Message("user", "Write a long story about a dog.")], 1, config)
+        assert c.completion_tokens == 3
+        assert c.finish_reason == "length"
+
+    async def test_seeded_sampling_is_reproducible(self, backend: Backend) -> None:
+        config = SamplingConfig(temperature=1.0, max_tokens=12, seed=1234)
+        chat = [Message("user", "Tell me something surprising.")]
+        first = [c.text for c in await backend.sample(chat, 2, config)]
+        second = [c.text for c in await backend.sample(chat, 2, config)]
+        assert first == second
+
+    async def test_yes_no_reads_logprobs(self, backend: Backend) -> None:
+        r = await backend.yes_no(YES_NO_QUESTION)
+        assert r.method == "logprobs"
+        assert 0.0 <= r.p_yes <= 1.0
+        assert 0.0 < r.mass <= 1.0 + 1e-9
+        assert r.calls == 1
+
+    async def test_loglik_orders_likely_above_unlikely(self, backend: Backend) -> None:
+        paris = await backend.loglik(PREFILL, " Paris.")
+        berlin = await backend.loglik(PREFILL, " Berlin.")
+        assert paris.n_tokens == berlin.n_tokens == 2
+        assert paris.logprob < 0 and berlin.logprob < 0
+        assert paris.logprob > berlin.logprob
+
+    async def test_loglik_of_a_new_assistant_turn(self, backend: Backend) -> None:
+        chat = [Message("user", "What is the capital of France?")]
+        right = await backend.loglik(chat, "The capital of France is Paris.")
+        wrong = await backend.loglik(chat, "The capital of France is Berlin.")
+        assert right.n_tokens == wrong.n_tokens > 1
+        assert right.logprob > wrong.logprob
+
+    async def test_loglik_rejects_empty_continuation(self, backend: Backend) -> None:
+        with pytest.raises(ConfigError):
+            await backend.loglik(PREFILL, "")
+
+    async def test_concurrent_yes_no_calls(self, backend: Backend) -> None:
+        results = await asyncio.gather(*(backend.yes_no(YES_NO_QUESTION) for _ in range(8)))
+        assert len(results) == 8
+        # temperature 0, same prompt: every reading agrees up to batching noise
+        assert max(r.p_yes for r in results) - min(r.p_yes for r in results) < 0.05
+
+
+@pytest.mark.model
+class TestEmbeddedLlama(BackendContractTests):
+    @pytest.fixture
+    def backend(self, smollm2_backend: EmbeddedLlamaBackend) -> Backend:
+        return smollm2_backend
+
+    def test_model_id_is_stable(self, smollm2_backend: EmbeddedLlamaBackend) -> None:
+        assert smollm2_backend.model_id == "smollm2-135m@b179c9523d0e"
+
+    async def test_aclose_stops_the_server(self) -> None:
+        backend = EmbeddedLlamaBackend("smollm2-135m", n_parallel=1, n_ctx=1024)
+        url = backend.address
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        await backend.aclose()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)
+
+
+@pytest.mark.slow
+class TestEmbeddedDefaultModel(BackendContractTests):
+    """The same contract on the default 1.5B model (slow: ~1 min on 2 cores)."""
+
+    @pytest.fixture(scope="class")
+    def backend(self) -> Iterator[Backend]:
+        b = EmbeddedLlamaBackend("qwen2.5-coder-1.5b", n_parallel=4, n_ctx=2048)
+        yield b
+        asyncio.run(b.aclose())
+
+    async def test_yes_no_is_confident_on_an_easy_fact(self, backend: Backend) -> None:
+        r = await backend.yes_no(YES_NO_QUESTION)
+        assert r.p_yes > 0.5
+        assert r.mass > 0.5
+
+
+@pytest.mark.model
+class TestOpenAICompatOnLlamaServer(BackendContractTests):
+    @pytest.fixture
+    async def backend(self, llama_server_url: str) -> AsyncIterator[Backend]:
+        b = OpenAICompatBackend(llama_server_url + "/v1", model_id="smollm2-test")
+        yield b
+        await b.aclose()
+
+    async def test_sample_records_usage(self, backend: Backend) -> None:
+        assert isinstance(backend, OpenAICompatBackend)
+        before = backend.stats.completion_tokens
+        await backend.sample([Message("user", "Hi")], 2, SamplingConfig(max_tokens=4))
+        assert backend.stats.completion_tokens - before >= 2
+
+
+# -- unit tests of the HTTP logic, with scripted test doubles ------------------------------
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class ScriptedServerDouble:
+    """Test double: answers each request with the next scripted response; records requests."""
+
+    def __init__(self, *responses: httpx.Response | Exception | Handler) -> None:
+        self.responses = list(responses)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        item = self.responses.pop(0) if len(self.responses) > 1 else self.responses[0]
+        if isinstance(item, Exception):
+            raise item
+        if callable(item) and not isinstance(item, httpx.Response):
+            return item(request)
+        return item
+
+    def backend(self, **kwargs: Any) -> OpenAICompatBackend:
+        kwargs.setdefault("retry", RetryPolicy(max_retries=2, backoff_base=0.0))
+        return OpenAICompatBackend(
+            "http://double.invalid", transport=httpx.MockTransport(self), **kwargs
+        )
+
+    def payloads(self) -> list[dict[str, Any]]:
+        return [json.loads(r.content) for r in self.requests]
+
+
+def chat_response(text: str, top: dict[str, float] | None = None) -> httpx.Response:
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+    choice["finish_reason"] = "stop"
+    if top is not None:
+        entries = [{"token": t, "logprob": lp} for t, lp in top.items()]
+        choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
+    usage = {"prompt_tokens": 5, "completion_tokens": 1}
+    return httpx.Response(200, json={"choices": [choice], "usage": usage})
+
+
+CHAT = [Message("user", "hi")]
+
+
+async def test_retries_5xx_then_succeeds() -> None:
+    double = ScriptedServerDouble(httpx.Response(503), httpx.Response(502), chat_response("ok"))
+    async with double.backend() as b:
+        (c,) = await b.sample(CHAT, 1, SamplingConfig())
+    assert c.text == "ok"
+    assert len(double.requests) == 3
+
+
+async def test_persistent_429_raises_rate_limited_after_bounded_retries() -> None:
+    double = ScriptedServerDouble(httpx.Response(429, json={"error": {"message": "slow down"}}))
+    b = double.backend()
+    with pytest.raises(BackendRateLimited, match="slow down") as info:
+        await b.yes_no(CHAT)
+    assert isinstance(info.value.__cause__, httpx.HTTPStatusError)
+    assert len(double.requests) == 3  # 1 + max_retries
+    assert b.stats.errors == 1
+
+
+async def test_retry_after_header_is_honoured() -> None:
+    double = ScriptedServerDouble(
+        httpx.Response(429, headers={"Retry-After": "0.3"}), chat_response("ok")
+    )
+    b = double.backend(retry=RetryPolicy(max_retries=1, backoff_base=0.0))
+    t0 = time.monotonic()
+    await b.sample(CHAT, 1, SamplingConfig())
+    assert time.monotonic() - t0 >= 0.29
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(400, ConfigError), (404, BackendUnsupported), (401, BackendError), (500, BackendError)],
+)
+async def test_status_codes_map_to_errors(status: int, error: type[Exception]) -> None:
+    double = ScriptedServerDouble(httpx.Response(status, json={"error": "nope"}))
+    with pytest.raises(error) as info:
+        await double.backend().sample(CHAT, 1, SamplingConfig())
+    assert info.value.__cause__ is not None
+    retried = status >= 500
+    assert len(double.requests) == (3 if retried else 1)
+
+
+async def test_timeout_maps_to_backend_timeout() -> None:
+    double = ScriptedServerDouble(httpx.ReadTimeout("slow"))
+    with pytest.raises(BackendTimeout) as info:
+        await double.backend().yes_no(CHAT)
+    assert isinstance(info.value.__cause__, httpx.ReadTimeout)
+    assert len(double.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(200, content=b"{not json"),
+        httpx.Response(200, json={"choices": []}),
+        httpx.Response(200, json=[1, 2]),
+        httpx.Response(200, json={"choices": [{"message": {"content": 3}}]}),
+    ],
+)
+async def test_malformed_upstream_is_a_protocol_error(response: httpx.Response) -> None:
+    double = ScriptedServerDouble(response)
+    with pytest.raises(BackendProtocolError):
+        await double.backend().sample(CHAT, 1, SamplingConfig())
+
+
+async def test_sample_sends_distinct_seeds_and_concurrent_requests() -> None:
+    double = ScriptedServerDouble(chat_response("a"))
+    async with double.backend() as b:
+        out = await b.sample(CHAT, 4, SamplingConfig(seed=10, max_tokens=5))
+    assert len(out) == 4
+    assert isinstance(b, OpenAICompatBackend)
+    assert sorted(p["seed"] for p in double.payloads()) == [10, 11, 12, 13]
+    assert all(p["max_tokens"] == 5 and "n" not in p for p in double.payloads())
+    assert b.stats.prompt_tokens == 20
+
+
+async def test_yes_no_pools_variants_from_logprobs() -> None:
+    top = {"Yes": -0.5, " yes": -2.0, "No": -1.5, "Maybe": -3.0}
+    double = ScriptedServerDouble(chat_response("Yes", top))
+    r = await double.backend().yes_no(CHAT)
+    import math
+
+    p_yes, p_no = math.exp(-0.5) + math.exp(-2.0), math.exp(-1.5)
+    assert r.method == "logprobs"
+    assert r.p_yes == pytest.approx(p_yes / (p_yes + p_no))
+    assert r.mass == pytest.approx(p_yes + p_no)
+    (payload,) = double.payloads()
+    assert payload["max_tokens"] == 1 and payload["temperature"] == 0 and payload["logprobs"]
+
+
+async def test_yes_no_falls_back_to_sampling_without_logprobs() -> None:
+    answers = iter(["No", "Yes.", "yes, sure", "No", "Yes", "hmm", "Yes", "YES"])
+    double = ScriptedServerDouble(
+        chat_response("Yes"),  # first call: no logprobs in the answer
+        lambda _req: chat_response(next(answers)),
+    )
+    r = await double.backend(yes_no_samples=8).yes_no(CHAT)
+    assert r.method == "sampled"
+    assert r.calls == 9
+    assert r.p_yes == pytest.approx(5 / 7)
+    assert r.mass == pytest.approx(7 / 8)
+    assert all(p["temperature"] == 1.0 for p in double.payloads()[1:])
+
+
+async def test_yes_no_falls_back_when_logprobs_are_refused() -> None:
+    double = ScriptedServerDouble(
+        httpx.Response(400, json={"error": {"message": "logprobs not supported"}}),
+        chat_response("No"),
+    )
+    r = await double.backend(yes_no_samples=4).yes_no(CHAT)
+    assert (r.method, r.p_yes, r.mass, r.calls) == ("sampled", 0.0, 1.0, 5)
+
+
+async def test_yes_no_without_any_yes_or_no_is_a_protocol_error() -> None:
+    double = ScriptedServerDouble(
+        chat_response("Paris", {"Paris": -0.1, "The": -2.0}), chat_response("Paris")
+    )
+    with pytest.raises(BackendProtocolError, match="neither Yes nor No"):
+        await double.backend(yes_no_samples=3).yes_no(CHAT)
+    assert len(double.requests) == 4
+
+
+async def test_loglik_on_a_server_without_llamacpp_endpoints_is_unsupported() -> None:
+    double = ScriptedServerDouble(httpx.Response(404, json={"error": "not found"}))
+    with pytest.raises(BackendUnsupported, match=r"llama\.cpp"):
+        await double.backend().loglik(CHAT, " Paris")
+
+
+async def test_loglik_rejects_probabilities_of_other_tokens() -> None:
+    def route(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/apply-template":
+            return httpx.Response(200, json={"prompt": "P"})
+        if req.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": [5, 6]})
+        probs = [{"id": 5, "logprob": -1.0}, {"id": 9, "logprob": -0.1}]
+        return httpx.Response(200, json={"completion_probabilities": probs})
+
+    double = ScriptedServerDouble(route)
+    with pytest.raises(BackendProtocolError, match="forced token 1"):
+        await double.backend().loglik(CHAT, " Paris")
+    completion = double.payloads()[-1]
+    assert completion["grammar"] == "root ::= <[5]> <[6]>"
+    assert completion["n_predict"] == 2
+
+
+async def test_unreachable_url_fails_fast_with_backend_error() -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = OpenAICompatBackend(
+        f"http://127.0.0.1:{port}", retry=RetryPolicy(max_retries=2, backoff_base=0.05)
+    )
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="cannot reach") as info:
+        await b.sample(CHAT, 1, SamplingConfig())
+    assert time.monotonic() - t0 < 3.0
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert b.stats.calls == 3
+    await b.aclose()
+
+
+async def test_backend_is_usable_across_event_loops() -> None:
+    double = ScriptedServerDouble(chat_response("ok"))
+    b = double.backend()
+
+    def run_in_new_loop() -> str:
+        return asyncio.run(b.sample(CHAT, 1, SamplingConfig()))[0].text
+
+    assert await asyncio.to_thread(run_in_new_loop) == "ok"
+    assert (await b.sample(CHAT, 1, SamplingConfig()))[0].text == "ok"
+
+
+@pytest.mark.parametrize("url", ["localhost:8080", "ftp://x"])
+def test_bad_base_url_is_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="base_url"):
+        OpenAICompatBackend(url)
+
+
+def test_base_url_accepts_root_or_v1() -> None:
+    assert OpenAICompatBackend("http://h:1/v1/").root_url == "http://h:1"
+    assert OpenAICompatBackend("http://h:1").root_url == "http://h:1"
+
+
+@given(
+    attempt=st.integers(0, 20),
+    base=st.floats(0, 5),
+    cap=st.floats(0, 60),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_is_bounded_and_jittered(attempt: int, base: float, cap: float, seed: int) -> None:
+    policy = RetryPolicy(backoff_base=base, backoff_cap=cap)
+    d = policy.delay(attempt, None, random.Random(seed))
+    assert 0.0 <= d <= min(cap, base * 2.0**attempt) + 1e-12
+
+
+@given(st.floats(-10, 1000))
+def test_retry_after_is_capped(seconds: float) -> None:
+    d = RetryPolicy(retry_after_cap=30).delay(0, seconds, random.Random(0))
+    assert 0.0 <= d <= 30.0
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(" 0.5 ") == 0.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    date = format_datetime(now + timedelta(seconds=12), usegmt=True)
+    assert parse_retry_after(date, now=now.timestamp()) == pytest.approx(12.0)
