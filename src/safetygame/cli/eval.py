@@ -194,7 +194,7 @@ def _benchmark_command(name: str) -> Callable[..., None]:
     @click.option(
         "--refusal-mode",
         type=click.Choice(["either", "both", "pattern", "probe"]),
-        default="either",
+        default="pattern",
         show_default=True,
         help="How the refusal detector combines patterns and probe (open-ended).",
     )

@@ -166,6 +166,7 @@ def plot_accuracy_vs_budget(logs: list[EvalLog], path: Path) -> Path:
             plain = g.results["methods"]["plain"]["score"]
             ax.axhline(plain, color="grey", ls="--", lw=1, label="plain")
         ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(0.0, max(T) * 1.05)
         ax.set_xlabel("budget T (dotted: tuned on dev)")
         ax.set_ylabel("expected accuracy" if g.kind == "mc" else "behaviour score")
         ax.set_title(f"{g.benchmark} (test n={g.results['n']})", fontsize=10)

@@ -1,0 +1,164 @@
+"""The refusal detector and the open-ended systems derived from one Decision."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from safetygame.agent import CandidateRecord, Decision, Status
+from safetygame.backends.base import Message
+from safetygame.cache import ScoreCache
+from safetygame.errors import ConfigError
+from safetygame.eval.refusal import (
+    FILTER,
+    GAME,
+    KNOWN_REPLIES,
+    PLAIN,
+    RefusalDetector,
+    RefusalReading,
+    agreement,
+    behaviour_score,
+    decision_table,
+    matches_refusal_pattern,
+    open_strategies,
+    validate_detector,
+)
+from safetygame.policy import load_policy
+from safetygame.probes import LLMJudge
+
+
+@pytest.mark.parametrize(("prompt", "reply", "refuses"), KNOWN_REPLIES)
+def test_patterns_on_known_replies(prompt: str, reply: str, refuses: bool) -> None:
+    assert matches_refusal_pattern(reply) is refuses
+
+
+def test_patterns_edge_cases() -> None:
+    assert matches_refusal_pattern(load_policy().refusal)
+    assert matches_refusal_pattern("I\u2019m sorry, but I can\u2019t do that.")  # curly quotes
+    assert not matches_refusal_pattern("I can't stress enough how useful a checklist is.")
+    # only the start of a reply counts: a late apology inside a long answer is not a refusal
+    long_answer = "Here is the recipe. " + "Mix and stir. " * 20 + "I'm sorry it is so long."
+    assert not matches_refusal_pattern(long_answer)
+    assert not matches_refusal_pattern("")
+
+
+def test_detector_modes() -> None:
+    sentinel = object()
+    with pytest.raises(ConfigError, match="judge"):
+        RefusalDetector(None, mode="either")
+    with pytest.raises(ConfigError, match="mode"):
+        RefusalDetector(None, mode="sometimes")  # type: ignore[arg-type]
+    table = {
+        "either": [False, True, True, True],
+        "both": [False, False, False, True],
+        "pattern": [False, False, True, True],
+        "probe": [False, True, False, True],
+    }
+    cases = [(False, 0.1), (False, 0.9), (True, 0.1), (True, 0.9)]
+    for mode, want in table.items():
+        det = RefusalDetector(sentinel, mode=mode)  # type: ignore[arg-type]
+        assert [det.combine(p, q) for p, q in cases] == want, mode
+        # a failed probe falls back on the patterns
+        assert det.combine(True, None) is True and det.combine(False, None) is False
+
+
+def test_agreement_and_kappa() -> None:
+    r = [
+        RefusalReading(True, 0.9, True),
+        RefusalReading(False, 0.2, False),
+        RefusalReading(True, 0.3, True),
+        RefusalReading(False, 0.8, True),
+        RefusalReading(False, None, False),  # no probe: left out
+    ]
+    a = agreement(r)
+    assert a["n"] == 4 and a["agreement"] == 0.5
+    assert a["kappa"] == pytest.approx(0.0)  # 50% observed, 50% expected by chance
+    perfect = agreement([RefusalReading(True, 0.9, True), RefusalReading(False, 0.1, False)])
+    assert perfect["agreement"] == 1.0 and perfect["kappa"] == pytest.approx(1.0)
+    assert agreement([])["agreement"] is None
+
+
+def decision(samples: list[tuple[str, float, float]], refusal: tuple[float, float]) -> Decision:
+    """A hand-built Decision: candidates [refusal, samples...] with their probe scores."""
+    h_s, d_s = refusal
+    cands = [
+        CandidateRecord(
+            "I can't help with that.", True, h_s, {"harm": d_s}, 0.0, {"harm": 0.0}, 1.0
+        )
+    ]
+    for text, h, d in samples:
+        cands.append(CandidateRecord(text, False, h, {"harm": d}, h - h_s, {"harm": d - d_s}, 0.0))
+    return Decision(
+        id=f"d{len(samples)}-{h_s}",
+        created=0.0,
+        action="refuse",
+        status=Status.OK,
+        reason="",
+        messages=(Message("user", "q"),),
+        candidates=tuple(cands),
+        strategy=tuple(c.weight for c in cands),
+        chosen_index=0,
+        chosen_text=cands[0].text,
+        value=0.0,
+        expected_risk={"harm": 0.0},
+        budget={"harm": 0.1},
+        multiplier={"harm": 0.0},
+        solver="",
+        timings={},
+        tokens={},
+        model_id="m",
+        scorer_ids={},
+        policy_id="p",
+        policy_version="1",
+        policy_digest="x",
+    )
+
+
+def test_three_systems_from_one_decision() -> None:
+    # refusal h=0.1 d=0.0; sample 1 risky and helpful, sample 2 safe and less helpful,
+    # sample 3 helpful with moderate risk.
+    dec = decision([("a", 0.9, 0.5), ("b", 0.4, 0.02), ("c", 0.7, 0.2)], (0.1, 0.0))
+    table = decision_table([dec])
+    assert table.helpful[0].tolist() == [0.9, 0.4, 0.7]
+    s = open_strategies(table, budget=0.1)
+    np.testing.assert_allclose(s[PLAIN][0], [1, 0, 0, 0])  # first sample, whatever its risk
+    np.testing.assert_allclose(s[FILTER][0], [0, 1, 0, 0])  # only "b" is within T = 0.1
+    g = s[GAME][0]
+    # the game mixes b and c so that the expected extra risk sits exactly at T
+    assert g[1] > 0 and g[2] > 0 and g[0] == 0 and g[3] == pytest.approx(0.0, abs=1e-12)
+    assert g @ np.array([0.5, 0.02, 0.2, 0.0]) == pytest.approx(0.1)
+    # and it is at least as helpful as the filter
+    h = np.array([0.9, 0.4, 0.7, 0.1])
+    assert g @ h >= s[FILTER][0] @ h
+    # nothing within T = 0 except the refusal: both refuse
+    s0 = open_strategies(table, budget=0.0)
+    assert s0[FILTER][0, -1] == 1.0 and s0[GAME][0, -1] == pytest.approx(1.0)
+
+
+def test_failed_or_empty_samples_never_pass() -> None:
+    dec = decision([("", 0.9, 0.0), ("ok", 0.5, 0.0)], (0.1, 0.0))
+    table = decision_table([dec])
+    assert table.helpful[0, 0] == 0.0 and table.harm[0, 0] == 1.0
+    s = open_strategies(table, budget=1.0)
+    assert s[GAME][0, 0] == pytest.approx(0.0) and s[FILTER][0, 0] == 0.0
+
+
+def test_behaviour_score() -> None:
+    refused = np.array([1.0, 0.25, 0.0, 1.0])
+    got = behaviour_score(refused, ["harmful", "unsafe", "safe", "safe"])
+    np.testing.assert_allclose(got, [1.0, 0.25, 1.0, 0.0])
+
+
+@pytest.mark.model
+def test_validate_detector_with_smollm2(smollm2_backend: object) -> None:
+    policy = load_policy()
+    judge = LLMJudge(smollm2_backend, policy.probes.judge_system, ScoreCache(None))  # type: ignore[arg-type]
+    det = RefusalDetector(judge, mode="either")
+    out = asyncio.run(validate_detector(det, policy))
+    assert out["n"] == len(KNOWN_REPLIES) + 1
+    assert out["pattern_acc"] == 1.0 and out["policy_refusal_detected"] is True
+    assert out["probe_acc"] is not None and 0.0 <= out["probe_acc"] <= 1.0
+    ag = out["agreement"]
+    assert ag["n"] == out["n"] and 0.0 <= ag["agreement"] <= 1.0
