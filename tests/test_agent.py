@@ -42,7 +42,9 @@ class ScriptedBackendDouble(Backend):
         await asyncio.sleep(self.delay)
         if self.fail_sample:
             raise self.fail_sample
-        return [Completion(self.answers[i % len(self.answers)], completion_tokens=5) for i in range(n)]
+        return [
+            Completion(self.answers[i % len(self.answers)], completion_tokens=5) for i in range(n)
+        ]
 
     async def yes_no(self, messages: Sequence[Message]) -> YesNo:
         prompt = messages[-1].content

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from safetygame.agent import SafetyGame, Status
 from safetygame.backends.base import Message
 from safetygame.backends.openai_compat import OpenAICompatBackend
 from safetygame.cache import ScoreCache
-from safetygame.policy import load_policy
+from safetygame.policy import load_policy, policy_yaml
 
 POLICY = load_policy()
 SMALL = POLICY.model_copy(
@@ -30,7 +31,7 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.model
-async def test_decision_on_small_model(smollm2_backend: object, tmp_path: object) -> None:
+async def test_decision_on_small_model(smollm2_backend: object) -> None:
     cache = ScoreCache(None)
     agent = SafetyGame(smollm2_backend, SMALL, cache=cache)  # type: ignore[arg-type]
     d = await agent.arespond(
@@ -67,11 +68,16 @@ async def test_unreachable_upstream_fails_closed() -> None:
 
 
 @pytest.mark.model
-def test_cli_ask_json_small_model() -> None:
-    out = _cli("ask", "How do I boil an egg?", "--model", "smollm2-135m", "--seed", "1", "--json")
+def test_cli_ask_json_small_model(tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.yml"
+    policy_file.write_text(policy_yaml(SMALL))
+    out = _cli(
+        "ask", "How do I boil an egg?", "--model", "smollm2-135m", "--seed", "1",
+        "--policy", str(policy_file), "--json",
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
-    assert d["status"] == "ok" and len(d["candidates"]) == POLICY.sampling.n + 1
+    assert d["status"] == "ok" and len(d["candidates"]) == SMALL.sampling.n + 1
     assert abs(sum(d["strategy"]) - 1.0) < 1e-9
     assert d["policy_id"] == "default" and d["chosen_text"]
 

@@ -411,3 +411,178 @@ def test_parse_retry_after() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     date = format_datetime(now + timedelta(seconds=12), usegmt=True)
     assert parse_retry_after(date, now=now.timestamp()) == pytest.approx(12.0)
+
+
+# -- the keep-alive transport, against a real socket peer -------------------------------------
+
+
+class RawHTTPPeer:
+    """A real TCP server on loopback that reads each HTTP/1.1 request and writes the raw bytes
+    a script returns (None: close the connection without answering; "hang": never answer;
+    ``close_after_reply``: close after every reply). Records the requests and how many
+    connections were opened."""
+
+    def __init__(
+        self,
+        script: Callable[[int, bytes, bytes], bytes | str | None],
+        *,
+        close_after_reply: bool = False,
+    ) -> None:
+        self.script = script
+        self.close_after_reply = close_after_reply
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                reply = self.script(len(self.requests) - 1, head, body)
+                if reply == "hang":
+                    await asyncio.sleep(3600)
+                if not isinstance(reply, bytes):
+                    return
+                writer.write(reply)
+                await writer.drain()
+                if self.close_after_reply:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+def _chat_json(text: str) -> bytes:
+    return json.dumps(
+        {"choices": [{"message": {"content": text}, "finish_reason": "stop"}], "usage": {}}
+    ).encode()
+
+
+def _content_length(text: str) -> bytes:
+    body = _chat_json(text)
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+
+
+async def test_keepalive_transport_reuses_one_connection() -> None:
+    peer = RawHTTPPeer(lambda i, head, body: _content_length(f"reply {i}"))
+    async with peer as url:
+        b = OpenAICompatBackend(url, max_retries=0)
+        texts = [(await b.sample(CHAT, 1, SamplingConfig()))[0].text for _ in range(5)]
+        await b.aclose()
+    assert texts == [f"reply {i}" for i in range(5)]
+    assert peer.connections == 1
+    head, body = peer.requests[0]
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert json.loads(body)["messages"] == [{"role": "user", "content": "hi"}]
+
+
+async def test_keepalive_transport_bounds_connections_by_max_concurrency() -> None:
+    peer = RawHTTPPeer(lambda i, head, body: _content_length("ok"))
+    async with peer as url:
+        b = OpenAICompatBackend(url, max_retries=0, max_concurrency=3)
+        out = await b.sample(CHAT, 12, SamplingConfig(seed=1))
+        await b.aclose()
+    assert [c.text for c in out] == ["ok"] * 12
+    assert 1 <= peer.connections <= 3
+    seeds = sorted(json.loads(body)["seed"] for _, body in peer.requests)
+    assert seeds == list(range(1, 13))
+
+
+async def test_keepalive_transport_reads_chunked_bodies_with_trailers() -> None:
+    def chunked(i: int, head: bytes, body: bytes) -> bytes:
+        data = _chat_json(f"chunked {i}")
+        parts = [data[:7], data[7:20], data[20:]]
+        out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        for p in parts:
+            out += b"%x;ext=1\r\n" % len(p) + p + b"\r\n"
+        return out + b"0\r\nx-trailer: yes\r\n\r\n"
+
+    peer = RawHTTPPeer(chunked)
+    async with peer as url:
+        b = OpenAICompatBackend(url, max_retries=0)
+        texts = [(await b.sample(CHAT, 1, SamplingConfig()))[0].text for _ in range(3)]
+        await b.aclose()
+    assert texts == ["chunked 0", "chunked 1", "chunked 2"]
+    assert peer.connections == 1  # the connection stayed usable after each chunked body
+
+
+async def test_keepalive_transport_handles_close_delimited_and_interim_responses() -> None:
+    def script(i: int, head: bytes, body: bytes) -> bytes:
+        if i == 0:  # 1xx first, then a body without framing: it runs until the peer closes
+            return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n" + _chat_json("eof")
+        ok = b"HTTP/1.1 200 OK\r\n"
+        return _content_length(f"closing {i}").replace(ok, ok + b"connection: close\r\n")
+
+    peer = RawHTTPPeer(script, close_after_reply=True)
+    async with peer as url:
+        b = OpenAICompatBackend(url, max_retries=0)
+        texts = [(await b.sample(CHAT, 1, SamplingConfig()))[0].text for _ in range(3)]
+        await b.aclose()
+    assert texts == ["eof", "closing 1", "closing 2"]
+    assert peer.connections == 3  # neither kind of connection is reused
+
+
+async def test_keepalive_transport_decodes_gzip() -> None:
+    import gzip
+
+    def gz(i: int, head: bytes, body: bytes) -> bytes:
+        data = gzip.compress(_chat_json("zipped"))
+        return (
+            b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(data)
+            + data
+        )
+
+    async with RawHTTPPeer(gz) as url:
+        b = OpenAICompatBackend(url, max_retries=0)
+        (c,) = await b.sample(CHAT, 1, SamplingConfig())
+        await b.aclose()
+    assert c.text == "zipped"
+
+
+async def test_keepalive_transport_read_timeout_maps_to_backend_timeout() -> None:
+    async with RawHTTPPeer(lambda i, head, body: "hang") as url:
+        b = OpenAICompatBackend(url, timeout=0.3, max_retries=0)
+        t0 = time.monotonic()
+        with pytest.raises(BackendTimeout) as info:
+            await b.sample(CHAT, 1, SamplingConfig())
+        await b.aclose()
+    assert time.monotonic() - t0 < 3.0
+    assert isinstance(info.value.__cause__, httpx.ReadTimeout)
+
+
+async def test_keepalive_transport_peer_closing_mid_response_is_retried_then_mapped() -> None:
+    def script(i: int, head: bytes, body: bytes) -> bytes | None:
+        if i == 0:
+            return None  # close without answering
+        return _content_length("after retry")
+
+    peer = RawHTTPPeer(script)
+    async with peer as url:
+        b = OpenAICompatBackend(url, retry=RetryPolicy(max_retries=1, backoff_base=0.0))
+        (c,) = await b.sample(CHAT, 1, SamplingConfig())
+        b2 = OpenAICompatBackend(url, max_retries=0)
+        peer.script = lambda i, head, body: None
+        with pytest.raises(BackendError, match="cannot reach") as info:
+            await b2.sample(CHAT, 1, SamplingConfig())
+        await b.aclose()
+        await b2.aclose()
+    assert c.text == "after retry"
+    assert peer.connections == 3  # the closed connection was not reused
+    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)

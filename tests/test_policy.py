@@ -63,7 +63,7 @@ def test_digest_changes_with_any_rule() -> None:
     p = load_policy()
     assert p.with_budget(0.05).digest != p.digest
     assert p.with_budget(p.game.budget).digest == p.digest
-    with pytest.raises(ConfigError, match="game.budget"):
+    with pytest.raises(ConfigError, match=r"game\.budget"):
         p.with_budget(-1.0)
 
 

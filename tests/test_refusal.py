@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
 from safetygame.agent import CandidateRecord, Decision, Status
 from safetygame.backends.base import Message
-from safetygame.cache import ScoreCache
 from safetygame.errors import ConfigError
 from safetygame.eval.refusal import (
     FILTER,
@@ -23,10 +20,8 @@ from safetygame.eval.refusal import (
     decision_table,
     matches_refusal_pattern,
     open_strategies,
-    validate_detector,
 )
 from safetygame.policy import load_policy
-from safetygame.probes import LLMJudge
 
 
 @pytest.mark.parametrize(("prompt", "reply", "refuses"), KNOWN_REPLIES)
@@ -149,16 +144,3 @@ def test_behaviour_score() -> None:
     refused = np.array([1.0, 0.25, 0.0, 1.0])
     got = behaviour_score(refused, ["harmful", "unsafe", "safe", "safe"])
     np.testing.assert_allclose(got, [1.0, 0.25, 1.0, 0.0])
-
-
-@pytest.mark.model
-def test_validate_detector_with_smollm2(smollm2_backend: object) -> None:
-    policy = load_policy()
-    judge = LLMJudge(smollm2_backend, policy.probes.judge_system, ScoreCache(None))  # type: ignore[arg-type]
-    det = RefusalDetector(judge, mode="either")
-    out = asyncio.run(validate_detector(det, policy))
-    assert out["n"] == len(KNOWN_REPLIES) + 1
-    assert out["pattern_acc"] == 1.0 and out["policy_refusal_detected"] is True
-    assert out["probe_acc"] is not None and 0.0 <= out["probe_acc"] <= 1.0
-    ag = out["agreement"]
-    assert ag["n"] == out["n"] and 0.0 <= ag["agreement"] <= 1.0

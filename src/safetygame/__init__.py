@@ -1,4 +1,4 @@
-"""safetygame: the Safety Game (Nguyen & Tran-Thanh, arXiv:2510.09330) as a black-box LLM safety layer."""
+"""safetygame: the Safety Game (Nguyen & Tran-Thanh, arXiv:2510.09330), a black-box safety layer."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 import numpy as np
@@ -28,7 +28,7 @@ from safetygame.probes import LLMJudge, Score, Scorer
 REFUSAL_INDEX = 0
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     OK = "ok"
     GENERATION_FAILED = "generation_failed"
     SCORING_FAILED = "scoring_failed"
@@ -161,7 +161,7 @@ class SafetyGame:
     def _budgets(self, override: float | None) -> dict[str, float]:
         budgets = self.policy.budgets
         if override is not None:
-            if not (isinstance(override, int | float) and 0.0 <= override):
+            if not (isinstance(override, int | float) and override >= 0.0):
                 raise ConfigError("budget must be a number >= 0")
             if override > budgets["harm"]:
                 raise ConfigError(
@@ -194,7 +194,10 @@ class SafetyGame:
         completion_tokens = [0] + [c.completion_tokens for c in completions]
 
         t = time.perf_counter()
-        questions = {"harm": pol.probes.harm.question, **{c.name: c.question for c in pol.categories}}
+        questions = {
+            "harm": pol.probes.harm.question,
+            **{c.name: c.question for c in pol.categories},
+        }
         help_scores, harm_scores = await self._score_all(chat, texts, questions)
         timings["score_s"] = time.perf_counter() - t
 

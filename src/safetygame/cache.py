@@ -17,12 +17,12 @@ from typing import Any
 
 
 def cache_dir() -> Path:
-    """``$SAFETYGAME_CACHE_DIR``, else ``$XDG_CACHE_HOME/safetygame``, else ``~/.cache/safetygame``."""
+    """``$SAFETYGAME_CACHE_DIR``, else ``$XDG_CACHE_HOME/safetygame``, else ``~/.cache/...``."""
     env = os.environ.get("SAFETYGAME_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "safetygame"
 
 

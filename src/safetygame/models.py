@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetygame.cache import cache_dir
 from safetygame.errors import ConfigError, ModelNotInstalledError
 
 __all__ = [
@@ -153,15 +154,6 @@ def locate_installed(chunk: ChunkRef) -> Path | None:
             p = Path(str(f.locate()))
             return p if p.is_file() else None
     return None
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("SAFETYGAME_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "safetygame"
 
 
 def file_sha256(paths: Path | Iterable[Path], sink: Callable[[bytes], object] | None = None) -> str:

@@ -86,11 +86,11 @@ class Policy(_Strict):
     version: str = Field(min_length=1)
     description: str = ""
     refusal: str = Field(min_length=1)
-    game: GameSettings = GameSettings()
-    sampling: SamplingSettings = SamplingSettings()
+    game: GameSettings = Field(default_factory=GameSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     probes: Probes
     categories: tuple[Category, ...] = ()
-    scorers: Scorers = Scorers()
+    scorers: Scorers = Field(default_factory=Scorers)
 
     @model_validator(mode="after")
     def _unique_categories(self) -> Policy:

@@ -65,9 +65,7 @@ def judge_messages(
     judge_system: str, conversation: Sequence[Message], reply: str, question: str
 ) -> list[Message]:
     """The probe prompt: the whole conversation (multi-turn) and the reply, quoted."""
-    turns = "\n".join(
-        f'<turn role="{m.role}">\n{quote(m.content)}\n</turn>' for m in conversation
-    )
+    turns = "\n".join(f'<turn role="{m.role}">\n{quote(m.content)}\n</turn>' for m in conversation)
     body = (
         f"<conversation>\n{turns}\n</conversation>\n\n"
         f"<candidate_reply>\n{quote(reply)}\n</candidate_reply>\n\n"

@@ -56,7 +56,7 @@ class LlamaServer:
         host: str = "127.0.0.1",
         port: int = 0,
         verbose: bool = False,
-        poll: int = 0,
+        poll: int = 50,
     ) -> None:
         if n_parallel < 1:
             raise ConfigError("n_parallel must be >= 1")
@@ -80,9 +80,9 @@ class LlamaServer:
         p.n_parallel = n_parallel
         p.cpuparams.n_threads = threads
         p.cpuparams_batch.n_threads = threads
-        # poll=0: idle worker threads sleep instead of spinning. On 2 shared cores (our own
-        # event loop and HTTP threads, other processes) spinning starves everyone. One A/B
-        # on a loaded 2-core box, SmolLM2, 4 parallel: 6.1 tok/s at poll 0 vs 2.3-3.3 at 50.
+        # poll: how long idle worker threads spin before sleeping (llama.cpp default 50).
+        # An A/B of 0 vs 50 on a loaded 2-core box was lost in noise; 0 may help when
+        # other processes compete for the cores.
         p.cpuparams.poll = poll
         p.cpuparams_batch.poll = poll
         p.warmup = False

@@ -47,6 +47,8 @@ from typing import Literal
 import httpx
 import numpy as np
 
+from safetygame.backends.openai_compat import _KeepAliveTransport
+
 Fault = Literal["garbage", "http500", "wrong_shape", "hang"]
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
@@ -121,6 +123,8 @@ class LoopbackUpstream:
                 writer.close()
 
     async def _respond(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if method == "GET" and path == "/stats":  # for the bench: HTTP requests served
+            return 200, json.dumps({"requests": self.requests}).encode()
         if method == "GET" and path in ("/health", "/v1/models"):
             return 200, b'{"status":"ok","object":"list","data":[{"id":"loopback"}]}'
         if method != "POST" or path != "/v1/chat/completions":
@@ -219,7 +223,10 @@ class GatewayBenchResult:
     concurrency: int
     upstream_latency_ms: float
     upstream_rounds: int
-    upstream_calls_per_request: float
+    upstream_calls_per_request: float  # backend operations (a sample of n counts once)
+    upstream_http_per_request: float  # HTTP requests the upstream served per decision
+    gateway_cpu_ms_per_request: float  # gateway process CPU (user + system) per decision
+    upstream_cpu_ms_per_request: float
     throughput_rps: float
     wall_s: float
     statuses: dict[str, int] = field(default_factory=dict)
@@ -268,7 +275,12 @@ async def _load(
     codes: list[int] = []
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    # The backend's lean keep-alive transport: the load generator shares the machine with
+    # the gateway, so its own CPU per request is kept small.
+    transport = _KeepAliveTransport(concurrency, concurrency)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, limits=limits, transport=transport
+    ) as client:
 
         async def worker() -> None:
             for i in counter:
@@ -294,6 +306,15 @@ async def _load(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return timings, codes, wall
+
+
+def upstream_rounds(policy: str) -> int:
+    """Upstream calls on a decision's critical path: one round of sampling, then each
+    candidate's probes one after another (helpfulness, harm, each category), all candidates
+    at once (``SafetyGame._score_all``)."""
+    from safetygame.policy import load_policy
+
+    return 1 + 2 + len(load_policy(policy).categories)
 
 
 def run_gateway_bench(
@@ -336,14 +357,18 @@ def run_gateway_bench(
             try:
                 asyncio.run(_load(gw_url, warmup, concurrency))
                 up_before = httpx.get(f"{gw_url}/metrics").text
+                http_before = httpx.get(f"{up_url}/stats").json()["requests"]
+                cpu_before = (_cpu_s(gw.pid), _cpu_s(up.pid))
                 timings, codes, wall = asyncio.run(_load(gw_url, requests, concurrency))
+                cpu_after = (_cpu_s(gw.pid), _cpu_s(up.pid))
+                http_after = httpx.get(f"{up_url}/stats").json()["requests"]
                 up_after = httpx.get(f"{gw_url}/metrics").text
             finally:
                 stop_server_process(gw)
         finally:
             stop_server_process(up)
     calls = _upstream_calls(up_after) - _upstream_calls(up_before)
-    rounds = 2  # one round of sampling, then every probe at once
+    rounds = upstream_rounds(policy)
     if not timings:
         raise RuntimeError(f"no successful requests (status codes {sorted(set(codes))})")
     total = np.array([t["total"] for t in timings])
@@ -375,10 +400,22 @@ def run_gateway_bench(
         upstream_latency_ms=latency * ms,
         upstream_rounds=rounds,
         upstream_calls_per_request=calls / max(len(codes), 1),
+        upstream_http_per_request=(http_after - http_before) / max(len(codes), 1),
+        gateway_cpu_ms_per_request=(cpu_after[0] - cpu_before[0]) / max(len(codes), 1) * ms,
+        upstream_cpu_ms_per_request=(cpu_after[1] - cpu_before[1]) / max(len(codes), 1) * ms,
         throughput_rps=len(codes) / wall,
         wall_s=wall,
         statuses=statuses,
     )
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc), else NaN."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _upstream_calls(metrics_text: str) -> float:

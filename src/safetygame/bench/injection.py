@@ -65,16 +65,20 @@ async def run_injection(backend: Backend, policy: Policy) -> dict[str, Any]:
         return s.value
 
     base = await asyncio.gather(*(harm(q, a) for q, a in HARMFUL))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    mean_drops: list[float] = []
+    max_drops: list[float] = []
     for inj in INJECTIONS:
         attacked = await asyncio.gather(*(harm(q, f"{a}\n\n{inj}") for q, a in HARMFUL))
         drops = [b - x for b, x in zip(base, attacked, strict=True)]
+        mean_drops.append(statistics.fmean(drops))
+        max_drops.append(max(drops))
         rows.append(
             {
                 "injection": inj,
                 "harm_attacked": attacked,
-                "mean_drop": statistics.fmean(drops),
-                "max_drop": max(drops),
+                "mean_drop": mean_drops[-1],
+                "max_drop": max_drops[-1],
             }
         )
     return {
@@ -83,6 +87,6 @@ async def run_injection(backend: Backend, policy: Policy) -> dict[str, Any]:
         "harm_clean": list(base),
         "mean_harm_clean": statistics.fmean(base),
         "injections": rows,
-        "mean_drop": max(r["mean_drop"] for r in rows),
-        "max_drop": max(r["max_drop"] for r in rows),
+        "mean_drop": max(mean_drops),
+        "max_drop": max(max_drops),
     }

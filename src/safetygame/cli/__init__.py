@@ -20,9 +20,14 @@ def bench() -> None:
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `main` / `bench`.
-    from safetygame.cli import ask, bench_model, solve  # noqa: F401
-    from safetygame.cli import models  # noqa: F401
-    from safetygame.cli import serve  # noqa: F401
+    from safetygame.cli import (  # noqa: F401
+        ask,
+        bench_model,
+        eval_probes,
+        models,
+        serve,
+        solve,
+    )
     from safetygame.cli import eval as _eval  # noqa: F401
 
 

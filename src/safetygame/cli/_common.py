@@ -78,7 +78,7 @@ def clean_errors(fn: F) -> F:
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """A plain aligned text table."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format(*headers), line.format(*("-" * w for w in widths))]
     out += [line.format(*map(str, r)) for r in rows]
     return "\n".join(s.rstrip() for s in out)
@@ -93,7 +93,7 @@ def backend_options(fn: F) -> F:
         "--upstream",
         default=None,
         metavar="URL",
-        help="OpenAI-compatible server (e.g. http://127.0.0.1:8080/v1) instead of the embedded model.",
+        help="OpenAI-compatible server URL (e.g. http://127.0.0.1:8080/v1) to use instead.",
     )(fn)
     fn = click.option(
         "--model",

@@ -43,7 +43,8 @@ def render_decision(decision: Decision) -> str:
         f"{decision.chosen_text}\n\n{table}\n"
         f"status {decision.status.value} ({decision.reason}); budget {budget}; "
         f"expected extra risk {risk}\n"
-        f"model {decision.model_id}; policy {decision.policy_id}@{decision.policy_version}; {timing}"
+        f"model {decision.model_id}; "
+        f"policy {decision.policy_id}@{decision.policy_version}; {timing}"
     )
 
 

@@ -8,7 +8,13 @@ from typing import Any
 import click
 
 from safetygame.cli import bench
-from safetygame.cli._common import backend_options, clean_errors, json_option, open_backend, print_json
+from safetygame.cli._common import (
+    backend_options,
+    clean_errors,
+    json_option,
+    open_backend,
+    print_json,
+)
 from safetygame.policy import load_policy
 
 
@@ -56,7 +62,11 @@ def latency(
 @json_option
 @clean_errors
 def injection(
-    model: str | None, upstream: str | None, api_key: str | None, policy_ref: str | None, as_json: bool
+    model: str | None,
+    upstream: str | None,
+    api_key: str | None,
+    policy_ref: str | None,
+    as_json: bool,
 ) -> None:
     """How much an injection addressed to the judge lowers harmful answers' harm scores."""
     from safetygame.bench.injection import run_injection
@@ -75,4 +85,6 @@ def injection(
     click.echo(f"  clean      mean {out['mean_harm_clean']:.3f}")
     for r in out["injections"]:
         inj = r["injection"].replace("\n", " ")
-        click.echo(f"  + {inj[:50]!r}: mean drop {r['mean_drop']:+.3f}, max drop {r['max_drop']:+.3f}")
+        click.echo(
+            f"  + {inj[:50]!r}: mean drop {r['mean_drop']:+.3f}, max drop {r['max_drop']:+.3f}"
+        )

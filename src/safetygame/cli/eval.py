@@ -251,6 +251,20 @@ def report(results_dir: Path, as_json: bool) -> None:
     help="Replies scored at once [default: 2 x the backend's slots].",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="llama.cpp slots of the embedded model (ignored with --upstream).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=2,
+    show_default=True,
+    help="CPU threads of the embedded model (ignored with --upstream).",
+)
 @json_option
 @clean_errors
 def scoring(
@@ -261,6 +275,8 @@ def scoring(
     n_items: int,
     concurrency: int | None,
     seed: int,
+    parallel: int,
+    threads: int,
     as_json: bool,
 ) -> None:
     """Probe scores per second: batched/concurrent scoring pass vs one request at a time."""
@@ -269,7 +285,16 @@ def scoring(
     policy = load_policy(policy_ref)
 
     async def run() -> dict[str, Any]:
-        async with open_backend(model, upstream, api_key) as backend:
+        if upstream:
+            backend = open_backend(model, upstream, api_key)
+        else:
+            from safetygame.backends.llamacpp import EmbeddedLlamaBackend
+            from safetygame.models import DEFAULT_MODEL
+
+            backend = EmbeddedLlamaBackend(
+                model or DEFAULT_MODEL, n_parallel=parallel, threads=threads
+            )
+        async with backend:
             return await run_scoring_bench(
                 backend, policy, n_items, seed, concurrency, progress=not as_json
             )
@@ -286,4 +311,5 @@ def scoring(
             f"({out['batched_readings']} in {out['batched_s']:.1f} s, "
             f"concurrency {out['concurrency']})\n"
             f"ratio       {out['ratio']:.2f}"
+            + (f"  ({threads} threads, {parallel} slots)" if not upstream else "")
         )

@@ -175,7 +175,8 @@ def score_table(
         else:
             failed.append(it.id)
     if not rows:
-        raise ConfigError("no item was scored without errors")
+        first = next((e for sc in scores for e in sc.errors), "non-finite readings")
+        raise ConfigError(f"no item was scored without errors (first error: {first})")
     table = ScoreTable.from_ragged(
         loglik=[
             [lp / n for lp, n in zip(s.loglik[:-1], s.n_tokens[:-1], strict=True)] for _, s in rows

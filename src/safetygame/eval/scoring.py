@@ -5,13 +5,15 @@ option, the helpfulness probe and the harm probe (plus the same for the policy's
 through the content-hash cache: an interrupted run resumes where it stopped, and every method
 and budget is then computed from these numbers without touching the model.
 
-Throughput (``safetygame bench scoring`` measures it). Readings are grouped per reply into a
-*chain*: the log-likelihood, then the helpfulness probe, then the harm probe, one after another.
-The two probe prompts of one reply are identical up to the final question, so the second lands
-on the llama.cpp slot that still holds the first one's prompt (``cache_prompt``) and only the
-question is evaluated. Many chains run at once, enough to keep every parallel slot of the server
-busy (continuous batching), and every probe prompt starts with the same judge system prompt,
-which the server's prompt cache keeps.
+Throughput (``safetygame bench scoring`` measures it). Each item is scored as two *streams*,
+each one request at a time: the log-likelihoods of its replies, and its probes (per reply the
+helpfulness probe, then the harm probe). Requests of one stream share long prefixes (the
+question; or the judge system prompt, the question and, for the two probes of one reply,
+everything but the final question), so each request lands on the llama.cpp slot that holds
+the previous one's prompt (``cache_prompt``) and only the new tail is evaluated. Several items
+run at once, enough streams to keep every parallel slot busy (continuous batching). Running an
+item's replies all at once instead would send the same prefix to several slots, each of which
+would evaluate it again.
 
 :class:`CachingBackend` adds the same content-hash caching to sampling, so open-ended runs
 (which sample candidates) are resumable too and a repeated run makes no model call.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm import tqdm
 
@@ -69,8 +72,8 @@ class _Reading:
 class ScoringPass:
     """Score options with one generator and two scorers (the generator itself by default).
 
-    ``concurrency`` bounds the replies being scored at once (default: twice the backend's
-    parallel slots, so a slot never waits for the client).
+    ``concurrency`` bounds the requests in flight (default: the backend's parallel slots);
+    each item in flight uses two, so ``concurrency // 2`` items are scored at once.
     """
 
     def __init__(
@@ -88,8 +91,7 @@ class ScoringPass:
         self.loglik = GeneratorLikelihood(backend, cache)
         self.helpfulness = helpfulness or judge
         self.harm = harm or judge
-        self.concurrency = max(1, concurrency or 2 * backend.max_concurrency)
-        self._sem: asyncio.Semaphore | None = None
+        self.concurrency = max(1, concurrency or backend.max_concurrency)
 
     def texts(self, item: MCItem) -> list[str]:
         """The replies scored for an item: its options, then the policy's refusal."""
@@ -99,49 +101,49 @@ class ScoringPass:
     def readings_per_text(self) -> int:
         return 3
 
-    async def _chain(self, chat: Sequence[Message], text: str) -> _Reading:
-        # One reply's readings in turn: the probe prompts share all but the question, so
-        # the second probe reuses the first one's cached prompt on the server.
-        async with self._semaphore():
+    async def _logliks(self, chat: Sequence[Message], texts: Sequence[str]) -> list[Any]:
+        out: list[LogLik | BaseException] = []
+        for text in texts:
             try:
-                ll: LogLik | BaseException = await self.loglik.score(chat, text)
+                out.append(await self.loglik.score(chat, text))
             except Exception as exc:  # recorded per item; the other readings still run
-                ll = exc
+                out.append(exc)
+        return out
+
+    async def _probes(
+        self, chat: Sequence[Message], texts: Sequence[str]
+    ) -> list[tuple[Score, Score]]:
+        out = []
+        for text in texts:
             h = await self.helpfulness.score(chat, text, self.policy.probes.helpfulness.question)
             d = await self.harm.score(chat, text, self.policy.probes.harm.question)
-        return _Reading(ll, h, d)
-
-    def _semaphore(self) -> asyncio.Semaphore:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.concurrency)
-        return self._sem
+            out.append((h, d))
+        return out
 
     async def score_item(self, item: MCItem) -> ItemScores:
+        """Two streams per item, each one request at a time (see the module docstring)."""
         chat = item_chat(item)
-        readings = await asyncio.gather(*(self._chain(chat, t) for t in self.texts(item)))
-        return _assemble(item.id, readings)
+        texts = self.texts(item)
+        lls, probes = await asyncio.gather(self._logliks(chat, texts), self._probes(chat, texts))
+        return _assemble(item.id, lls, probes)
 
     async def score_item_sequential(self, item: MCItem) -> ItemScores:
-        """The same readings, one request at a time (the throughput benchmark's baseline)."""
+        """The same readings in the same order, one request at a time (the benchmark's
+        baseline)."""
         chat = item_chat(item)
-        readings = []
-        for text in self.texts(item):
-            try:
-                ll: LogLik | BaseException = await self.loglik.score(chat, text)
-            except Exception as exc:
-                ll = exc
-            h = await self.helpfulness.score(chat, text, self.policy.probes.helpfulness.question)
-            d = await self.harm.score(chat, text, self.policy.probes.harm.question)
-            readings.append(_Reading(ll, h, d))
-        return _assemble(item.id, readings)
+        texts = self.texts(item)
+        lls = await self._logliks(chat, texts)
+        probes = await self._probes(chat, texts)
+        return _assemble(item.id, lls, probes)
 
     async def run(self, items: Sequence[MCItem], progress: bool = True) -> list[ItemScores]:
         """Score all items concurrently (bounded), results in input order."""
-        self._sem = asyncio.Semaphore(self.concurrency)  # bound to the running loop
+        sem = asyncio.Semaphore(max(1, self.concurrency // 2))  # two streams per item
         bar = tqdm(total=len(items), desc="scoring", unit="item", disable=not progress)
 
         async def one(item: MCItem) -> ItemScores:
-            out = await self.score_item(item)
+            async with sem:
+                out = await self.score_item(item)
             bar.update(1)
             return out
 
@@ -159,7 +161,12 @@ class ScoringPass:
         return out
 
 
-def _assemble(item_id: str, readings: Sequence[_Reading]) -> ItemScores:
+def _assemble(
+    item_id: str,
+    lls: Sequence[LogLik | BaseException],
+    probes: Sequence[tuple[Score, Score]],
+) -> ItemScores:
+    readings = [_Reading(ll, h, d) for ll, (h, d) in zip(lls, probes, strict=True)]
     errors: list[str] = []
     for i, r in enumerate(readings):
         if isinstance(r.loglik, BaseException):

@@ -1,0 +1,179 @@
+"""Pure logic of the probe designs: combination, calibration, pairwise aggregation, registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
+from safetygame.errors import ConfigError
+from safetygame.policy import load_policy
+from safetygame.probes import Score
+from safetygame.scorers import (
+    DESIGNS,
+    HARM_WORDINGS,
+    Calibrator,
+    MeanScorer,
+    PromptJudge,
+    Shot,
+    build_scorer,
+    combine_mean,
+    fit_isotonic,
+    fit_logistic,
+    fit_platt,
+    pairwise_to_option_scores,
+    wording_messages,
+)
+
+probs = st.floats(0.0, 1.0, allow_nan=False)
+
+
+class FixedYesNoBackend(Backend):
+    """Test double: P(yes) is a fixed function of the last user message (no model)."""
+
+    model_id = "fixed-test-double"
+
+    def __init__(self, p_of: dict[str, float]) -> None:
+        self.p_of = p_of
+        self.calls = 0
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        raise NotImplementedError
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        self.calls += 1
+        body = messages[-1].content
+        p = next((v for k, v in self.p_of.items() if k in body), 0.5)
+        return YesNo(p, "logprobs", 1.0)
+
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        raise NotImplementedError
+
+
+def test_combine_mean_averages_and_counts_calls() -> None:
+    s = combine_mean([Score(0.2, calls=1), Score(0.6, calls=2)])
+    assert s.value == pytest.approx(0.4)
+    assert s.calls == 3
+
+
+def test_combine_mean_fails_if_any_part_fails() -> None:
+    s = combine_mean([Score(0.2, calls=1), Score(None, error="boom", calls=1)])
+    assert s.value is None and s.error is not None and "boom" in s.error
+
+
+def test_inverted_wording_reports_one_minus_p_yes() -> None:
+    backend = FixedYesNoBackend({"KNIFE": 0.9})
+    pol = load_policy()
+    safe = PromptJudge(backend, HARM_WORDINGS["safe"], pol.probes.judge_system)
+    comply = PromptJudge(backend, HARM_WORDINGS["comply"], pol.probes.judge_system)
+    chat = (Message("user", "q"),)
+    s_safe = asyncio.run(safe.score(chat, "KNIFE", pol.probes.harm.question))
+    s_comply = asyncio.run(comply.score(chat, "KNIFE", pol.probes.harm.question))
+    assert s_safe.value == pytest.approx(0.1)
+    assert s_comply.value == pytest.approx(0.9)
+    both = MeanScorer([safe, comply], "both")
+    assert asyncio.run(both.score(chat, "KNIFE", "r")).value == pytest.approx(0.5)
+
+
+def test_wording_states_rule_and_quotes_reply() -> None:
+    msgs = wording_messages(
+        HARM_WORDINGS["comply"], "SYS", (Message("user", "hi"),), "</candidate_reply>", "RULE"
+    )
+    assert msgs[0].content == "SYS"
+    assert "RULE" in msgs[-1].content
+    assert "</candidate_reply>\n\n" in msgs[-1].content
+    assert "&lt;/candidate_reply&gt;" in msgs[-1].content
+
+
+def test_few_shot_examples_become_earlier_turns() -> None:
+    shots = [Shot((Message("user", "a"),), "x", True), Shot((Message("user", "b"),), "y", False)]
+    msgs = wording_messages(HARM_WORDINGS["comply"], "S", (Message("user", "c"),), "z", "R", shots)
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [msgs[2].content, msgs[4].content] == ["Yes", "No"]
+
+
+@given(st.lists(probs, min_size=4, max_size=60), st.data())
+@settings(max_examples=40, deadline=None)
+def test_calibrators_are_monotone(p: list[float], data: st.DataObject) -> None:
+    y = data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(p), max_size=len(p)))
+    grid = np.linspace(0, 1, 101)
+    for cal in (fit_platt(p, y), fit_isotonic(p, y)):
+        out = cal.apply(grid)
+        assert np.all(np.diff(out) >= -1e-9)
+        assert np.all((out >= 0) & (out <= 1))
+
+
+def test_platt_fixes_a_miscalibrated_score() -> None:
+    rng = np.random.default_rng(0)
+    true_p = rng.uniform(0.05, 0.95, 4000)
+    y = (rng.uniform(size=true_p.size) < true_p).astype(float)
+    # an overconfident reading of the true probability
+    z = 3.0 * np.log(true_p / (1 - true_p))
+    raw = 1 / (1 + np.exp(-z))
+    cal = fit_platt(raw, y)
+    assert cal.a == pytest.approx(1 / 3, abs=0.08)
+    assert np.mean(np.abs(cal.apply(raw) - true_p)) < np.mean(np.abs(raw - true_p)) / 2
+
+
+def test_isotonic_matches_label_frequencies_on_blocks() -> None:
+    cal = fit_isotonic([0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1])
+    assert cal(0.1) == pytest.approx(0.0)
+    assert cal(0.25) == pytest.approx(0.5)
+    assert cal(0.4) == pytest.approx(1.0)
+
+
+def test_calibration_rejects_bad_input() -> None:
+    with pytest.raises(ConfigError):
+        fit_platt([0.1, 1.2], [0, 1])
+    with pytest.raises(ConfigError):
+        fit_isotonic([0.1, 0.2], [0, 2])
+    assert fit_platt([0.1, 0.2], [1, 1]) == Calibrator("identity")
+
+
+def test_pairwise_to_option_scores_borda() -> None:
+    # option 0 beats 1 surely, 1 beats 2 surely, 0 beats 2 surely
+    s = pairwise_to_option_scores(3, {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.0})
+    assert s == pytest.approx([1.0, 0.5, 0.0])
+    assert pairwise_to_option_scores(2, {}) == [0.5, 0.5]
+    with pytest.raises(ConfigError):
+        pairwise_to_option_scores(2, {(0, 0): 0.5})
+
+
+@given(st.integers(2, 6), st.data())
+@settings(max_examples=40, deadline=None)
+def test_pairwise_scores_average_to_one_half(n: int, data: st.DataObject) -> None:
+    prefs = {(i, j): data.draw(probs) for i in range(n) for j in range(i + 1, n)}
+    s = pairwise_to_option_scores(n, prefs)
+    assert np.mean(s) == pytest.approx(0.5)
+
+
+def test_fit_logistic_separates_and_rejects_one_class() -> None:
+    X = np.array([[0.0], [0.1], [0.9], [1.0]])
+    m = fit_logistic(X, [0, 0, 1, 1], l2=0.01)
+    p = m.predict(X)
+    assert p[0] < 0.5 < p[3]
+    with pytest.raises(ConfigError):
+        fit_logistic(X, [1, 1, 1, 1])
+
+
+def test_build_scorer_registry() -> None:
+    pol = load_policy()
+    backend = FixedYesNoBackend({})
+    for name in DESIGNS:
+        if name == "embed":  # loads MiniLM (the embed extra); covered by the model test
+            continue
+        assert build_scorer(name, backend, pol, None, kind="harm").name
+        assert build_scorer(name, backend, pol, None, kind="helpfulness").name
+    with pytest.raises(ConfigError, match="harm only"):
+        build_scorer("embed", backend, pol, None, kind="helpfulness")
+    with pytest.raises(ConfigError, match="unknown scorer"):
+        build_scorer("nope", backend, pol, None)
+    with pytest.raises(ConfigError):
+        build_scorer("self", backend, pol, None, kind="bad")  # type: ignore[arg-type]
