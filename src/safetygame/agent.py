@@ -23,7 +23,8 @@ from safetygame.backends.base import Backend, Message, SamplingConfig, as_messag
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError
 from safetygame.policy import Policy, load_policy
-from safetygame.probes import LLMJudge, Score, Scorer
+from safetygame.probes import Score, Scorer
+from safetygame.scorers import build_scorer
 
 REFUSAL_INDEX = 0
 
@@ -120,9 +121,12 @@ class SafetyGame:
     ) -> None:
         self.backend = backend
         self.policy = policy if policy is not None else load_policy()
-        judge = LLMJudge(backend, self.policy.probes.judge_system, cache)
-        self.helpfulness = helpfulness or judge
-        self.harm = harm or judge
+        # Scorers named by the policy (validated here, at construction, not per request).
+        pol = self.policy
+        self.helpfulness = helpfulness or build_scorer(
+            pol.scorers.helpfulness, backend, pol, cache, kind="helpfulness"
+        )
+        self.harm = harm or build_scorer(pol.scorers.harm, backend, pol, cache, kind="harm")
         self.method = method
         self.timeout = timeout
 

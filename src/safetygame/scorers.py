@@ -504,6 +504,17 @@ class PairwiseJudge:
         }
         return pairwise_to_option_scores(len(options), prefs), calls
 
+    async def score_all(
+        self, conversation: Sequence[Message], replies: Sequence[str], question: str
+    ) -> list[Score]:
+        """One :class:`Score` per reply (the agent's candidates, refusal included): the
+        listwise entry point. Costs n(n-1) calls for n replies; all fail if any pair fails."""
+        values, calls = await self.score_options(conversation, replies, question)
+        if values is None:
+            return [Score(None, error="a pairwise comparison failed", calls=calls)] * len(replies)
+        per = calls // max(len(replies), 1)
+        return [Score(v, method="pairwise", calls=per) for v in values]
+
 
 # --------------------------------------------------------------------------- embeddings
 

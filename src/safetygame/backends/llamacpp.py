@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,10 +96,29 @@ class LlamaServer:
         self._server: Any = xllamacpp.Server(p)
         self.address: str = str(self._server.listening_address)
 
-    def close(self) -> None:
-        # xllamacpp stops the server when the object is freed
-        self._server = None
-        gc.collect()
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the server. xllamacpp stops it when the object is freed, which waits for its
+        HTTP threads; a stuck client connection must not hang the caller, so the release
+        runs in a daemon thread that is given ``timeout`` seconds."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+
+        def release(srv: list[Any]) -> None:
+            srv.clear()
+            gc.collect()
+
+        holder = [server]
+        del server
+        t = threading.Thread(target=release, args=(holder,), daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            warnings.warn(
+                f"llama.cpp server at {self.address} did not stop within {timeout} s",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 class EmbeddedLlamaBackend(Backend):

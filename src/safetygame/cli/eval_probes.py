@@ -151,13 +151,14 @@ def probes_command(
     import json
 
     from safetygame.cache import ScoreCache
-    from safetygame.eval.probe_quality import evaluate_probes, make_embed_factory
+    from safetygame.eval.probe_quality import check_request, evaluate_probes, make_embed_factory
 
     policy = load_policy(policy_ref)
     design_list = _csv(designs)
     source_list = _csv(sources)
     if not design_list:
         raise ConfigError("--designs must name at least one design")
+    check_request(design_list, source_list, limit)  # fail fast, before a model loads
     probe_list: Any = ("harm", "helpfulness") if probes == "both" else (probes,)
     cache = ScoreCache(cache_path) if cache_path else ScoreCache()
     embed = make_embed_factory(cache, seed, dev_fraction) if "embed" in design_list else None

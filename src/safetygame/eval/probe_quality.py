@@ -287,7 +287,7 @@ class DesignResult:
     probe: str
     dev: SplitMetrics
     test: SplitMetrics
-    calls_per_reply: float
+    calls_per_reply: float  # yes/no prompts per reply scored (cached or not)
     calibrated_ece: float | None = None  # test ECE after a Platt fit on dev
 
 
@@ -443,6 +443,19 @@ EmbedFactory = Callable[
 ]
 
 
+def check_request(designs: Sequence[str], sources: Sequence[str], limit: int | None) -> None:
+    """Reject unknown designs/sources and a bad limit (before any model is loaded)."""
+    known = {*DESIGNS, "fewshot", "pairwise"}
+    for d in designs:
+        if d not in known:
+            raise ConfigError(f"unknown design {d!r}; known: {', '.join(sorted(known))}")
+    for s in sources:
+        if s not in SOURCES:
+            raise ConfigError(f"unknown source {s!r}; known: {', '.join(SOURCES)}")
+    if limit is not None and limit < 2:
+        raise ConfigError("limit must be >= 2")
+
+
 async def evaluate_probes(
     backend: Backend,
     policy: Policy,
@@ -465,15 +478,7 @@ async def evaluate_probes(
     wording with ``shots`` dev exemplars), ``pairwise`` (MC sources only) and ``embed``
     (needs ``embed``, a factory that trains on dev items and returns a scoring function).
     """
-    known = {*DESIGNS, "fewshot", "pairwise", "embed"}
-    for d in designs:
-        if d not in known:
-            raise ConfigError(f"unknown design {d!r}; known: {', '.join(sorted(known))}")
-    for s in sources:
-        if s not in SOURCES:
-            raise ConfigError(f"unknown source {s!r}; known: {', '.join(SOURCES)}")
-    if limit is not None and limit < 2:
-        raise ConfigError("limit must be >= 2")
+    check_request(designs, sources, limit)
     conc = concurrency or max(1, backend.max_concurrency)
     say = progress or (lambda _m: None)
     rules = {"harm": policy.probes.harm.question, "helpfulness": policy.probes.helpfulness.question}
@@ -539,7 +544,9 @@ async def evaluate_probes(
                             n_replies += sum(len(it.options) for it in part)
                             g = [(v, _labels(it, probe)) for v, it in zip(vals, part, strict=True)]
                         splits.append(g)
-                computed[design] = (splits, calls / max(n_replies, 1))
+                n_opts = [len(sc) for sc, _ in splits[0] + splits[1]]
+                computed[design] = (splits, design_cost(design, n_opts))
+                del calls, n_replies  # model calls made now (cache misses): not the cost
             if "embed" in computed:
                 # an independent second opinion: mean of the two Platt-calibrated scores
                 for design in [d for d in computed if d != "embed"]:
@@ -628,6 +635,18 @@ def _epsilon_block(dev: Groups, test: Groups, policy: Policy) -> dict[str, Any]:
         "refusal_mass_with": ref1,
         "n_test": len(groups),
     }
+
+
+_COSTS = {"both": 2.0, "para3": 3.0, "embed": 0.0}
+
+
+def design_cost(design: str, n_options: Sequence[int]) -> float:
+    """Yes/no prompts per reply: 1 for one wording, k for a k-wording ensemble, n - 1 for a
+    pairwise judge over n options (two orders per pair), 0 for the embedding classifier."""
+    if design == "pairwise":
+        total = sum(n * (n - 1) for n in n_options)
+        return total / max(sum(n_options), 1)
+    return _COSTS.get(design, 1.0)
 
 
 def choose_designs(results: Sequence[DesignResult]) -> dict[str, str]:
