@@ -21,6 +21,16 @@ from safetygame.errors import BackendError, ConfigError, ModelNotInstalledError,
 F = TypeVar("F", bound=Callable[..., Any])
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+policy_option = click.option(
+    "--policy", "policy_ref", default=None, help="Policy name or YAML file."
+)
+cache_option = click.option(
+    "--cache",
+    "cache_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Score cache file [default: the user cache].",
+)
 
 
 def to_jsonable(obj: Any) -> Any:

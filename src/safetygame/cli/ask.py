@@ -15,6 +15,7 @@ from safetygame.cli._common import (
     format_table,
     json_option,
     open_backend,
+    policy_option,
     print_json,
 )
 from safetygame.policy import load_policy, policy_yaml
@@ -51,7 +52,7 @@ def render_decision(decision: Decision) -> str:
 @main.command()
 @click.argument("prompt")
 @backend_options
-@click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+@policy_option
 @click.option("--budget", type=float, default=None, help="Lower the policy's budget T.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling and choosing.")
 @json_option

@@ -13,6 +13,7 @@ from safetygame.cli._common import (
     clean_errors,
     json_option,
     open_backend,
+    policy_option,
     print_json,
 )
 from safetygame.policy import load_policy
@@ -20,7 +21,7 @@ from safetygame.policy import load_policy
 
 @bench.command("latency")
 @backend_options
-@click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+@policy_option
 @click.option("--prompts", "n_prompts", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
@@ -58,7 +59,7 @@ def latency(
 
 @bench.command("injection")
 @backend_options
-@click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+@policy_option
 @json_option
 @clean_errors
 def injection(

@@ -13,10 +13,12 @@ import click
 from safetygame.cli import bench, main
 from safetygame.cli._common import (
     backend_options,
+    cache_option,
     clean_errors,
     format_table,
     json_option,
     open_backend,
+    policy_option,
     print_json,
 )
 from safetygame.policy import load_policy
@@ -170,7 +172,7 @@ def render_results(r: dict[str, Any]) -> str:
 
 def _benchmark_command(name: str) -> Callable[..., None]:
     @backend_options
-    @click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+    @policy_option
     @click.option(
         "--limit",
         type=click.IntRange(min=2),
@@ -184,13 +186,7 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         default=None,
         help=f"Where to save the EvalLog [default: results/{name}/].",
     )
-    @click.option(
-        "--cache",
-        "cache_path",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="Score cache file [default: the user cache].",
-    )
+    @cache_option
     @click.option(
         "--refusal-mode",
         type=click.Choice(["either", "both", "pattern", "probe"]),
@@ -235,7 +231,7 @@ def report(results_dir: Path, as_json: bool) -> None:
 
 @bench.command("scoring")
 @backend_options
-@click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+@policy_option
 @click.option(
     "--items",
     "n_items",

@@ -12,10 +12,12 @@ import click
 
 from safetygame.cli._common import (
     backend_options,
+    cache_option,
     clean_errors,
     format_table,
     json_option,
     open_backend,
+    policy_option,
     print_json,
     to_jsonable,
 )
@@ -90,7 +92,7 @@ def render(report: dict[str, Any]) -> str:
 
 @eval_group.command("probes")
 @backend_options
-@click.option("--policy", "policy_ref", default=None, help="Policy name or YAML file.")
+@policy_option
 @click.option(
     "--designs",
     default=DEFAULT_DESIGNS,
@@ -119,13 +121,7 @@ def render(report: dict[str, Any]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dev-fraction", type=click.FloatRange(0.05, 0.95), default=0.4, show_default=True)
 @click.option("--shots", type=click.IntRange(0, 16), default=4, show_default=True)
-@click.option(
-    "--cache",
-    "cache_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Score cache file [default: the user cache].",
-)
+@cache_option
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Also save the JSON here."
 )
