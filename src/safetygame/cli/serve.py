@@ -249,9 +249,9 @@ def hash_key_cmd(key: str | None, as_json: bool) -> None:
 @click.option(
     "--upstream-concurrency",
     type=int,
-    default=16,
+    default=256,
     show_default=True,
-    help="Upstream calls the gateway keeps in flight.",
+    help="Upstream calls the gateway keeps in flight (>= 5 x concurrency, or it is the cap).",
 )
 @json_option
 @clean_errors
