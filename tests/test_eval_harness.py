@@ -320,6 +320,17 @@ def _check_interval(value: float | None, ci: list[float] | None) -> None:
     assert -tol <= ci[0] <= value + tol and value - tol <= ci[1] <= 1.0 + tol
 
 
+def _eval_args(
+    benchmark: str, eval_env: dict[str, Path], url: str, out_dir: Path, seed: int
+) -> list[str]:
+    """`safetygame eval BENCHMARK` on a two-item seeded slice against the small model."""
+    return [
+        "eval", benchmark, "--upstream", url, "--policy", str(eval_env["policy"]),
+        "--limit", "2", "--seed", str(seed), "--cache", str(eval_env["cache"]),
+        "--out", str(out_dir), "--json",
+    ]  # fmt: skip
+
+
 @pytest.mark.model
 # Seeds whose 2-item samples have few options (2 + 2, 2 + 3, 2 + 2), to keep the test short.
 @pytest.mark.parametrize(
@@ -329,23 +340,7 @@ def test_eval_mc_end_to_end(
     benchmark: str, seed: int, eval_env: dict[str, Path], llama_server_url: str
 ) -> None:
     out_dir = eval_env["root"] / "results" / benchmark
-    args = [
-        "eval",
-        benchmark,
-        "--upstream",
-        llama_server_url,
-        "--policy",
-        str(eval_env["policy"]),
-        "--limit",
-        "2",
-        "--seed",
-        str(seed),
-        "--cache",
-        str(eval_env["cache"]),
-        "--out",
-        str(out_dir),
-        "--json",
-    ]
+    args = _eval_args(benchmark, eval_env, llama_server_url, out_dir, seed)
     from safetygame.cli import main
 
     res = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -385,23 +380,7 @@ def test_eval_open_end_to_end(
     benchmark: str, eval_env: dict[str, Path], llama_server_url: str
 ) -> None:
     out_dir = eval_env["root"] / "results" / benchmark
-    args = [
-        "eval",
-        benchmark,
-        "--upstream",
-        llama_server_url,
-        "--policy",
-        str(eval_env["policy"]),
-        "--limit",
-        "2",
-        "--seed",
-        "0",
-        "--cache",
-        str(eval_env["cache"]),
-        "--out",
-        str(out_dir),
-        "--json",
-    ]
+    args = _eval_args(benchmark, eval_env, llama_server_url, out_dir, 0)
     first = run_cli(args)
     assert first["kind"] == "open" and first["n"] + first["n_dev"] == 2
     assert set(first["methods"]) == {"plain", "filter", "safety-game"}

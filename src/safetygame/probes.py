@@ -61,11 +61,40 @@ REMINDER = (
 )
 
 
+def quote_conversation(conversation: Sequence[Message]) -> str:
+    """Every turn of the conversation, each in its own quoted ``<turn>`` tag."""
+    return "\n".join(f'<turn role="{m.role}">\n{quote(m.content)}\n</turn>' for m in conversation)
+
+
+async def cached_yes_no(
+    backend: Backend, messages: Sequence[Message], cache: ScoreCache | None
+) -> Score:
+    """P(yes) for one probe prompt, cached by content hash; model trouble -> Score(None)."""
+    key = None
+    if cache is not None:
+        key = content_key("yes_no", backend.model_id, [m.to_dict() for m in messages])
+        hit = cache.get(key)
+        if hit is not None:
+            return Score(hit["p"], method=hit["method"], cached=True)
+    try:
+        reading = await backend.yes_no(messages)
+    except BackendError as exc:
+        return Score(None, error=f"{type(exc).__name__}: {exc}")
+    p = reading.p_yes
+    if not (isinstance(p, float | int) and math.isfinite(p) and 0.0 <= p <= 1.0):
+        return Score(None, error=f"scorer returned an invalid probability: {p!r}")
+    if cache is not None and key is not None:
+        cache.put(key, "yes_no", {"p": float(p), "method": reading.method})
+    return Score(
+        float(p), method=reading.method, calls=reading.calls, prompt_tokens=reading.prompt_tokens
+    )
+
+
 def judge_messages(
     judge_system: str, conversation: Sequence[Message], reply: str, question: str
 ) -> list[Message]:
     """The probe prompt: the whole conversation (multi-turn) and the reply, quoted."""
-    turns = "\n".join(f'<turn role="{m.role}">\n{quote(m.content)}\n</turn>' for m in conversation)
+    turns = quote_conversation(conversation)
     body = (
         f"<conversation>\n{turns}\n</conversation>\n\n"
         f"<candidate_reply>\n{quote(reply)}\n</candidate_reply>\n\n"
@@ -89,26 +118,7 @@ class LLMJudge(Scorer):
 
     async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
         messages = judge_messages(self.judge_system, conversation, reply, question)
-        key = content_key("yes_no", self.backend.model_id, [m.to_dict() for m in messages])
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                return Score(hit["p"], method=hit["method"], cached=True)
-        try:
-            reading = await self.backend.yes_no(messages)
-        except BackendError as exc:
-            return Score(None, error=f"{type(exc).__name__}: {exc}")
-        p = reading.p_yes
-        if not (isinstance(p, float | int) and math.isfinite(p) and 0.0 <= p <= 1.0):
-            return Score(None, error=f"scorer returned an invalid probability: {p!r}")
-        if self.cache is not None:
-            self.cache.put(key, "yes_no", {"p": float(p), "method": reading.method})
-        return Score(
-            float(p),
-            method=reading.method,
-            calls=reading.calls,
-            prompt_tokens=reading.prompt_tokens,
-        )
+        return await cached_yes_no(self.backend, messages, self.cache)
 
 
 class GeneratorLikelihood:
@@ -120,14 +130,14 @@ class GeneratorLikelihood:
         self.name = f"loglik:{backend.model_id}"
 
     async def score(self, conversation: Sequence[Message], continuation: str) -> LogLik:
+        if self.cache is None:
+            return await self.backend.loglik(conversation, continuation)
         key = content_key(
             "loglik", self.backend.model_id, [[m.to_dict() for m in conversation], continuation]
         )
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                return LogLik(hit["logprob"], hit["n_tokens"])
+        hit = self.cache.get(key)
+        if hit is not None:
+            return LogLik(hit["logprob"], hit["n_tokens"])
         out = await self.backend.loglik(conversation, continuation)
-        if self.cache is not None:
-            self.cache.put(key, "loglik", {"logprob": out.logprob, "n_tokens": out.n_tokens})
+        self.cache.put(key, "loglik", {"logprob": out.logprob, "n_tokens": out.n_tokens})
         return out

@@ -35,9 +35,17 @@ from scipy.special import expit
 
 from safetygame.backends.base import Backend, Message
 from safetygame.cache import ScoreCache, content_key
-from safetygame.errors import BackendError, ConfigError
+from safetygame.errors import ConfigError
 from safetygame.policy import Policy
-from safetygame.probes import REMINDER, LLMJudge, Score, Scorer, quote
+from safetygame.probes import (
+    REMINDER,
+    LLMJudge,
+    Score,
+    Scorer,
+    cached_yes_no,
+    quote,
+    quote_conversation,
+)
 
 __all__ = [
     "DESIGNS",
@@ -139,7 +147,7 @@ def _plain_messages(conversation: Sequence[Message], reply: str, question: str) 
 
 
 def _quoted_body(conversation: Sequence[Message], reply: str, question: str) -> str:
-    turns = "\n".join(f'<turn role="{m.role}">\n{quote(m.content)}\n</turn>' for m in conversation)
+    turns = quote_conversation(conversation)
     return (
         f"<conversation>\n{turns}\n</conversation>\n\n"
         f"<candidate_reply>\n{quote(reply)}\n</candidate_reply>\n\n"
@@ -178,27 +186,6 @@ def wording_messages(
     return msgs
 
 
-async def _cached_yes_no(
-    backend: Backend, messages: Sequence[Message], cache: ScoreCache | None
-) -> Score:
-    """P(yes) for one prompt, through the same cache keys as ``probes.LLMJudge``."""
-    key = content_key("yes_no", backend.model_id, [m.to_dict() for m in messages])
-    if cache is not None:
-        hit = cache.get(key)
-        if hit is not None:
-            return Score(hit["p"], method=hit["method"], cached=True)
-    try:
-        reading = await backend.yes_no(messages)
-    except BackendError as exc:
-        return Score(None, error=f"{type(exc).__name__}: {exc}")
-    p = reading.p_yes
-    if not (isinstance(p, float | int) and math.isfinite(p) and 0.0 <= p <= 1.0):
-        return Score(None, error=f"scorer returned an invalid probability: {p!r}")
-    if cache is not None:
-        cache.put(key, "yes_no", {"p": float(p), "method": reading.method})
-    return Score(float(p), method=reading.method, calls=reading.calls)
-
-
 class PromptJudge(Scorer):
     """A yes/no judge with a fixed wording (and optional few-shot examples).
 
@@ -229,7 +216,7 @@ class PromptJudge(Scorer):
         )
 
     async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
-        s = await _cached_yes_no(
+        s = await cached_yes_no(
             self.backend, self.messages(conversation, reply, question), self.cache
         )
         if s.value is None or not self.wording.invert:
@@ -461,9 +448,7 @@ class PairwiseJudge:
         self.name = f"pairwise:{kind}:{backend.model_id}"
 
     def messages(self, conversation: Sequence[Message], a: str, b: str, rule: str) -> list[Message]:
-        turns = "\n".join(
-            f'<turn role="{m.role}">\n{quote(m.content)}\n</turn>' for m in conversation
-        )
+        turns = quote_conversation(conversation)
         question = PAIR_QUESTIONS[self.kind].replace("{rule}", rule)
         body = (
             f"<conversation>\n{turns}\n</conversation>\n\n"
@@ -477,8 +462,8 @@ class PairwiseJudge:
     ) -> tuple[float | None, int]:
         """P(a is the more harmful / better one), averaged over both orders; and calls."""
         ab, ba = await asyncio.gather(
-            _cached_yes_no(self.backend, self.messages(conversation, a, b, rule), self.cache),
-            _cached_yes_no(self.backend, self.messages(conversation, b, a, rule), self.cache),
+            cached_yes_no(self.backend, self.messages(conversation, a, b, rule), self.cache),
+            cached_yes_no(self.backend, self.messages(conversation, b, a, rule), self.cache),
         )
         calls = ab.calls + ba.calls
         if ab.value is None or ba.value is None:
