@@ -142,7 +142,7 @@ def test_probes_see_whole_conversation_quoted() -> None:
         {"role": "user", "content": "What is my name?"},
     ]
     agent_for(be).respond(chat)
-    probe = be.probes[-1]
+    probe = next(p for p in be.probes if "Sure." in p)  # a candidate's probe
     assert "My name is Ada." in probe and "What is my name?" in probe
     # the reply cannot close its own tag
     assert probe.count("</candidate_reply>") == 1 and "&lt;/candidate_reply&gt;" in probe

@@ -539,6 +539,31 @@ async def test_keepalive_transport_handles_close_delimited_and_interim_responses
     assert peer.connections == 3  # neither kind of connection is reused
 
 
+async def test_direct_path_sends_well_formed_requests() -> None:
+    peer = RawHTTPPeer(lambda i, head, body: _content_length(f"r{i}"))
+    async with peer as url:
+        b = OpenAICompatBackend(url + "/v1", model="m", api_key="sk-test", max_retries=0)
+        texts = [c.text for c in await b.sample(CHAT, 2, SamplingConfig(seed=1))]
+        await b.aclose()
+    assert sorted(texts) == ["r0", "r1"]
+    port = url.rsplit(":", 1)[1]
+    for head, body in peer.requests:
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0] == "POST /v1/chat/completions HTTP/1.1"
+        fields = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        assert fields["host"] == f"127.0.0.1:{port}"
+        assert fields["authorization"] == "Bearer sk-test"
+        assert fields["content-type"] == "application/json"
+        payload = json.loads(body)
+        assert payload["model"] == "m" and payload["messages"][0]["content"] == CHAT[0].content
+    assert sorted(json.loads(body)["seed"] for _, body in peer.requests) == [1, 2]
+
+
+def test_api_key_cannot_inject_headers() -> None:
+    with pytest.raises(ConfigError, match="api_key"):
+        OpenAICompatBackend("http://127.0.0.1:9", api_key="k\r\nX-Evil: 1")
+
+
 async def test_keepalive_transport_decodes_gzip() -> None:
     import gzip
 

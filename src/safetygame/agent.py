@@ -292,7 +292,11 @@ class SafetyGame:
                 out.append(await self.harm.score(chat, text, question))
             return out
 
-        rows = await asyncio.gather(*(one(text) for text in texts))
+        # Sampled replies first, the refusal last: with a followup scorer each reply's probes
+        # should reach the slot that generated it before the refusal's probe takes a slot.
+        order = [i for i in range(len(texts)) if i != REFUSAL_INDEX] + [REFUSAL_INDEX]
+        started = await asyncio.gather(*(one(texts[i]) for i in order))
+        rows = [started[order.index(i)] for i in range(len(texts))]
         harm = {name: [row[k + 1] for row in rows] for k, name in enumerate(questions)}
         return [row[0] for row in rows], harm
 

@@ -431,6 +431,7 @@ def _serve_gateway(upstream: str, policy: str, audit_url: str, concurrency: int)
     the upstream's fixed latency is the only upstream cost."""
     from safetygame.backends.openai_compat import OpenAICompatBackend
     from safetygame.gateway.app import GatewaySettings, create_app
+    from safetygame.gateway.server import run as run_loop
     from safetygame.gateway.server import serve_app
 
     backend = OpenAICompatBackend(upstream, max_concurrency=concurrency, max_retries=0)
@@ -445,7 +446,7 @@ def _serve_gateway(upstream: str, policy: str, audit_url: str, concurrency: int)
         finally:
             await backend.aclose()
 
-    return 0 if asyncio.run(run()) else 1
+    return 0 if run_loop(run()) else 1
 
 
 # -- ``python -m safetygame.bench.gateway upstream``: the upstream as a subprocess ----------------

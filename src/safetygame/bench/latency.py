@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any
@@ -42,6 +43,7 @@ async def run_latency(
     full: list[float] = []
     tokens_plain: list[int] = []
     tokens_full: list[int] = []
+    stages: list[dict[str, float]] = []
     for i, prompt in enumerate(tqdm(prompts, desc="latency", disable=not progress)):
         chat = [Message("user", prompt)]
         t = time.perf_counter()
@@ -52,6 +54,7 @@ async def run_latency(
         decision = await agent.arespond(chat, seed=seed + i)
         full.append(time.perf_counter() - t)
         tokens_full.append(decision.tokens.get("completion", 0))
+        stages.append(decision.timings)
     plain_s = statistics.median(plain)
     full_s = statistics.median(full)
     return {
@@ -66,4 +69,8 @@ async def run_latency(
         "safetygame_runs_s": full,
         "plain_completion_tokens": tokens_plain,
         "safetygame_completion_tokens": tokens_full,
+        # where a decision's time goes: generating the candidates vs probing them
+        "generate_s": statistics.median(t.get("generate_s", math.nan) for t in stages),
+        "score_s": statistics.median(t.get("score_s", math.nan) for t in stages),
+        "stage_runs_s": stages,
     }

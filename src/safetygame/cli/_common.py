@@ -113,12 +113,22 @@ def backend_options(fn: F) -> F:
     return fn
 
 
-def open_backend(model: str | None, upstream: str | None, api_key: str | None = None) -> Backend:
-    """The embedded llama.cpp model by default, or an OpenAI-compatible upstream."""
+def open_backend(
+    model: str | None,
+    upstream: str | None,
+    api_key: str | None = None,
+    parallel: int | None = None,
+) -> Backend:
+    """The embedded llama.cpp model by default, or an OpenAI-compatible upstream.
+
+    ``parallel``: requests in flight (the embedded model's llama.cpp slots; the upstream
+    client's concurrency limit); None keeps each backend's default."""
     if upstream:
         from safetygame.backends.openai_compat import OpenAICompatBackend
 
-        return OpenAICompatBackend(upstream, model=model, api_key=api_key)
-    from safetygame.backends.llamacpp import EmbeddedLlamaBackend
+        return OpenAICompatBackend(
+            upstream, model=model, api_key=api_key, max_concurrency=parallel or 8
+        )
+    from safetygame.backends.llamacpp import DEFAULT_MODEL, EmbeddedLlamaBackend
 
-    return EmbeddedLlamaBackend(model) if model else EmbeddedLlamaBackend()
+    return EmbeddedLlamaBackend(model or DEFAULT_MODEL, n_parallel=parallel or 4)

@@ -42,6 +42,7 @@ def _run_benchmark(
     out: Path | None,
     cache_path: Path | None,
     refusal_mode: str,
+    parallel: int | None,
     as_json: bool,
 ) -> None:
     from safetygame.cache import ScoreCache
@@ -73,7 +74,7 @@ def _run_benchmark(
     }
 
     async def run() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], str, int]:
-        async with open_backend(model, upstream, api_key) as inner:
+        async with open_backend(model, upstream, api_key, parallel) as inner:
             backend = CachingBackend(inner, cache)
             config["model_id"] = backend.model_id
             write_eval_log(EvalLog(benchmark, kind, "started", config), out_dir)
@@ -193,6 +194,12 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         default="pattern",
         show_default=True,
         help="How the refusal detector combines patterns and probe (open-ended).",
+    )
+    @click.option(
+        "--parallel",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Requests in flight: the embedded model's llama.cpp slots [default: 4].",
     )
     @json_option
     @clean_errors

