@@ -421,3 +421,19 @@ def test_report_on_end_to_end_results(eval_env: dict[str, Path]) -> None:
     out = json.loads(res.stdout)
     assert all(Path(f).is_file() for f in out["files"])
     assert "Open-ended" in out["markdown_text"] or "Multiple choice" in out["markdown_text"]
+
+
+@pytest.mark.model
+def test_bench_scoring_end_to_end(eval_env: dict[str, Path], llama_server_url: str) -> None:
+    out = run_cli(
+        [
+            "bench", "scoring", "--upstream", llama_server_url, "--policy",
+            str(eval_env["policy"]), "--items", "1", "--parallel", "3", "--json",
+        ]
+    )  # fmt: skip
+    assert out["slots"] == 3 and out["concurrency"] == 3  # --parallel reaches the client
+    assert out["errors"] == 0
+    # one HHH item per mode: its options and the refusal, three readings each
+    assert out["sequential_readings"] >= 9 and out["batched_readings"] >= 9
+    assert out["sequential_per_s"] > 0 and out["batched_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["batched_per_s"] / out["sequential_per_s"])

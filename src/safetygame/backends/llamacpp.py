@@ -42,6 +42,8 @@ __all__ = ["EmbeddedLlamaBackend", "LlamaServer", "main"]
 
 INSTALL_HINT = "pip install 'safetygame[llama]'"
 MIN_SLOT_CTX = 512
+DEFAULT_SLOTS = 4  # parallel requests (llama.cpp slots)
+DEFAULT_THREADS = 2
 
 
 class LlamaServer:
@@ -51,9 +53,9 @@ class LlamaServer:
         self,
         model_file: ModelFile,
         *,
-        n_parallel: int = 4,
+        n_parallel: int = DEFAULT_SLOTS,
         n_ctx: int = 4096,
-        threads: int = 2,
+        threads: int = DEFAULT_THREADS,
         host: str = "127.0.0.1",
         port: int = 0,
         verbose: bool = False,
@@ -131,9 +133,9 @@ class EmbeddedLlamaBackend(Backend):
         self,
         model: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
-        n_parallel: int = 4,
+        n_parallel: int = DEFAULT_SLOTS,
         n_ctx: int = 4096,
-        threads: int = 2,
+        threads: int = DEFAULT_THREADS,
         yes_no_samples: int = 8,
         timeout: float = 300.0,
         verify: bool = False,

@@ -55,6 +55,7 @@ from safetygame.errors import (
 __all__ = ["OpenAICompatBackend", "RetryPolicy", "parse_retry_after"]
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DEFAULT_MAX_CONCURRENCY = 8  # requests in flight per backend
 TOP_LOGPROBS = 20
 
 
@@ -123,7 +124,7 @@ class _Reply:
     """One upstream HTTP response, whichever client path fetched it."""
 
     status_code: int
-    headers: Mapping[str, str]  # lower-case names
+    headers: Mapping[str, str]  # looked up by lower-case name
     content: bytes
 
     def json(self) -> Any:
@@ -494,7 +495,7 @@ class OpenAICompatBackend(Backend):
         connect_timeout: float = 5.0,
         max_retries: int = 3,
         retry: RetryPolicy | None = None,
-        max_concurrency: int = 8,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         yes_no_samples: int = 8,
         model_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,

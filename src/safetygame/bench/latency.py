@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from typing import Any
@@ -70,7 +69,14 @@ async def run_latency(
         "plain_completion_tokens": tokens_plain,
         "safetygame_completion_tokens": tokens_full,
         # where a decision's time goes: generating the candidates vs probing them
-        "generate_s": statistics.median(t.get("generate_s", math.nan) for t in stages),
-        "score_s": statistics.median(t.get("score_s", math.nan) for t in stages),
+        "generate_s": _median_stage(stages, "generate_s"),
+        "score_s": _median_stage(stages, "score_s"),
         "stage_runs_s": stages,
     }
+
+
+def _median_stage(stages: list[dict[str, float]], key: str) -> float | None:
+    """Median of one stage over the decisions that reached it (a fail-safe refusal may
+    stop before it); None if none did."""
+    times = [t[key] for t in stages if key in t]
+    return statistics.median(times) if times else None

@@ -54,6 +54,7 @@ async def run_scoring_bench(
     return {
         "model_id": backend.model_id,
         "items": n_items,
+        "slots": backend.max_concurrency,
         "concurrency": batched.concurrency,
         "batched_readings": n_batch,
         "sequential_readings": n_seq,

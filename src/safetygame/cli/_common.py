@@ -24,6 +24,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 policy_option = click.option(
     "--policy", "policy_ref", default=None, help="Policy name or YAML file."
 )
+parallel_option = click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Requests in flight: the embedded model's llama.cpp slots [default: 4], or the "
+    "upstream client's limit [default: 8].",
+)
 cache_option = click.option(
     "--cache",
     "cache_path",
@@ -118,17 +125,34 @@ def open_backend(
     upstream: str | None,
     api_key: str | None = None,
     parallel: int | None = None,
+    threads: int | None = None,
 ) -> Backend:
     """The embedded llama.cpp model by default, or an OpenAI-compatible upstream.
 
     ``parallel``: requests in flight (the embedded model's llama.cpp slots; the upstream
-    client's concurrency limit); None keeps each backend's default."""
+    client's concurrency limit); ``threads``: CPU threads of the embedded model. None keeps
+    each backend's default."""
     if upstream:
-        from safetygame.backends.openai_compat import OpenAICompatBackend
+        from safetygame.backends.openai_compat import (
+            DEFAULT_MAX_CONCURRENCY,
+            OpenAICompatBackend,
+        )
 
         return OpenAICompatBackend(
-            upstream, model=model, api_key=api_key, max_concurrency=parallel or 8
+            upstream,
+            model=model,
+            api_key=api_key,
+            max_concurrency=parallel or DEFAULT_MAX_CONCURRENCY,
         )
-    from safetygame.backends.llamacpp import DEFAULT_MODEL, EmbeddedLlamaBackend
+    from safetygame.backends.llamacpp import (
+        DEFAULT_MODEL,
+        DEFAULT_SLOTS,
+        DEFAULT_THREADS,
+        EmbeddedLlamaBackend,
+    )
 
-    return EmbeddedLlamaBackend(model or DEFAULT_MODEL, n_parallel=parallel or 4)
+    return EmbeddedLlamaBackend(
+        model or DEFAULT_MODEL,
+        n_parallel=parallel or DEFAULT_SLOTS,
+        threads=threads or DEFAULT_THREADS,
+    )

@@ -18,6 +18,7 @@ from safetygame.cli._common import (
     format_table,
     json_option,
     open_backend,
+    parallel_option,
     policy_option,
     print_json,
 )
@@ -195,12 +196,7 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         show_default=True,
         help="How the refusal detector combines patterns and probe (open-ended).",
     )
-    @click.option(
-        "--parallel",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Requests in flight: the embedded model's llama.cpp slots [default: 4].",
-    )
+    @parallel_option
     @json_option
     @clean_errors
     def command(**kwargs: Any) -> None:
@@ -254,13 +250,7 @@ def report(results_dir: Path, as_json: bool) -> None:
     help="Replies scored at once [default: 2 x the backend's slots].",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--parallel",
-    type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="llama.cpp slots of the embedded model (ignored with --upstream).",
-)
+@parallel_option
 @click.option(
     "--threads",
     type=click.IntRange(1, 256),
@@ -278,7 +268,7 @@ def scoring(
     n_items: int,
     concurrency: int | None,
     seed: int,
-    parallel: int,
+    parallel: int | None,
     threads: int,
     as_json: bool,
 ) -> None:
@@ -288,16 +278,7 @@ def scoring(
     policy = load_policy(policy_ref)
 
     async def run() -> dict[str, Any]:
-        if upstream:
-            backend = open_backend(model, upstream, api_key)
-        else:
-            from safetygame.backends.llamacpp import EmbeddedLlamaBackend
-            from safetygame.models import DEFAULT_MODEL
-
-            backend = EmbeddedLlamaBackend(
-                model or DEFAULT_MODEL, n_parallel=parallel, threads=threads
-            )
-        async with backend:
+        async with open_backend(model, upstream, api_key, parallel, threads) as backend:
             return await run_scoring_bench(
                 backend, policy, n_items, seed, concurrency, progress=not as_json
             )
@@ -314,5 +295,5 @@ def scoring(
             f"({out['batched_readings']} in {out['batched_s']:.1f} s, "
             f"concurrency {out['concurrency']})\n"
             f"ratio       {out['ratio']:.2f}"
-            + (f"  ({threads} threads, {parallel} slots)" if not upstream else "")
+            + (f"  ({threads} threads, {out['slots']} slots)" if not upstream else "")
         )
