@@ -82,6 +82,24 @@ def test_cli_ask_json_small_model(tmp_path: Path) -> None:
     assert d["policy_id"] == "default" and d["chosen_text"]
 
 
+@pytest.mark.model
+def test_bench_latency_small_model(tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.yml"
+    policy_file.write_text(policy_yaml(SMALL))
+    out = _cli(
+        "bench", "latency", "--model", "smollm2-135m", "--policy", str(policy_file),
+        "--prompts", "1", "--decode-tokens", "16", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["ratio"] == pytest.approx(res["safetygame_s"] / res["plain_s"])
+    assert res["candidates"] == SMALL.sampling.n and res["generate_s"] > 0
+    assert res["decode_tok_s_1"] > 0 and res["decode_tok_s_m"] > 0
+    assert res["ratio_floor"] == pytest.approx(
+        SMALL.sampling.n * res["decode_tok_s_1"] / res["decode_tok_s_m"]
+    )
+
+
 def test_cli_ask_bad_budget_is_one_line_error() -> None:
     out = _cli("ask", "hi", "--upstream", "http://127.0.0.1:9/v1", "--budget", "0.9")
     assert out.returncode == 2

@@ -470,7 +470,7 @@ async def test_sqlite_group_commit_no_loss_no_duplicates(tmp_path: Path) -> None
 class FailingAuditStoreDouble(SQLiteAuditStore):
     """Test double: every commit fails (a full disk, a lost database)."""
 
-    async def _write_batch(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
         raise OSError("disk full (test double)")
 
 
@@ -573,3 +573,20 @@ def test_hash_key_cli_makes_a_key_that_authenticates(tmp_path: Path) -> None:
     path = tmp_path / "tenants.yml"
     path.write_text(yaml.safe_dump({"tenants": {"a": {"policy": pol.name, "keys": [out["hash"]]}}}))
     assert KeyRing(load_tenants(path)).tenant_for(out["key"]) == "a"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bench_gateway_cli(workers: int) -> None:
+    from safetygame.cli import main
+
+    res = CliRunner().invoke(
+        main,
+        ["bench", "gateway", "--requests", "60", "--concurrency", "4", "--latency-ms", "1",
+         "--workers", str(workers), "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["ok"] == 60 and out["statuses"] == {"200": 60} and out["workers"] == workers
+    assert 0 <= out["no_audit_p50_ms"] <= out["p99_ms"] + out["audit_p50_ms"]
+    assert out["upstream_http_per_request"] >= out["upstream_rounds"]
+    assert out["gateway_cpu_ms_per_request"] > 0

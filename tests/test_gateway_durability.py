@@ -5,9 +5,11 @@ upstream is the fixed-latency loopback server (a real HTTP peer)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -102,3 +104,78 @@ def test_kill_9_under_load_loses_no_acknowledged_decision(tmp_path: Path) -> Non
     assert r.headers["x-request-id"] in stored
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def test_workers_share_one_port_and_store_and_survive_a_crash(tmp_path: Path) -> None:
+    """``--workers 2``: one port, one SQLite audit file; a worker killed with -9 under load
+    is replaced, no acknowledged decision is lost or duplicated, SIGINT stops them all."""
+    db = tmp_path / "audit.sqlite3"
+    audit = f"sqlite:///{db}"
+    acked: list[str] = []
+    stop = threading.Event()
+    with upstream_in_thread(latency=0.01) as up:
+        cmd = [*serve_cmd(up.url, audit), "--workers", "2", "--json"]
+        log = tmp_path / "gw.log"
+        with open(log, "w") as err:
+            sup = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            assert sup.stdout is not None
+            info = json.loads(sup.stdout.readline())
+            first = set(info["workers"])
+            assert len(first) == 2 and _children(sup.pid) == first
+            client = threading.Thread(
+                target=load_until_failure, args=(info["url"], acked, stop, 16)
+            )
+            client.start()
+            deadline = time.monotonic() + 60
+            while len(acked) < 60 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            stop.set()
+            client.join(60)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                now = _children(sup.pid)
+                if len(now) == 2 and victim not in now:
+                    break
+                time.sleep(0.2)
+            assert len(now) == 2 and victim not in now, log.read_text()[-2000:]
+            with httpx.Client(base_url=info["url"], timeout=30) as http:
+                after = []
+                for i in range(8):  # new connections: both workers accept
+                    r = http.post(
+                        "/v1/chat/completions",
+                        headers={"connection": "close"},
+                        json={
+                            "model": "safetygame",
+                            "messages": [{"role": "user", "content": f"after {i}"}],
+                        },
+                    )
+                    assert r.status_code == 200, r.text
+                    after.append(r.headers["x-request-id"])
+            sup.send_signal(signal.SIGINT)
+            assert sup.wait(30) == 0
+            assert not _children(sup.pid)
+            assert not any(Path(f"/proc/{p}").exists() for p in now)
+        finally:
+            if sup.poll() is None:
+                sup.kill()
+                sup.wait()
+    assert len(acked) >= 60, "the load never got going"
+    stored = [rec["request_id"] for rec in export_records(audit)]
+    assert not (set(acked) | set(after)) - set(stored)
+    assert len(stored) == len(set(stored))
+    assert "restarting it" in log.read_text()

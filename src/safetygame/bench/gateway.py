@@ -7,9 +7,9 @@ ordinary backend. Its ``fault`` modes make it misbehave on purpose for fault-inj
 (``garbage``: 200 with a non-JSON body; ``http500``; ``wrong_shape``: JSON without choices;
 ``hang``: never answers).
 
-``run_gateway_bench`` starts the upstream and a gateway (``safetygame serve``) as two
-subprocesses, sends ``requests`` chats at ``concurrency`` from this process, and reads each
-response's ``Server-Timing`` header. Overhead definitions (docs/gateway.md):
+``run_gateway_bench`` starts the upstream and a gateway (``safetygame serve``, optionally
+with ``--workers N``) as subprocesses, sends ``requests`` chats at ``concurrency`` from this
+process, and reads each response's ``Server-Timing`` header. Overhead definitions (docs/gateway.md):
 
 - ``overhead`` (the headline p50/p99): gateway wall time (request received -> decision
   audited and response ready) minus the time during which at least one upstream call of the
@@ -223,12 +223,12 @@ class GatewayBenchResult:
     concurrency: int
     upstream_latency_ms: float
     upstream_rounds: int
-    upstream_calls_per_request: float  # backend operations (a sample of n counts once)
     upstream_http_per_request: float  # HTTP requests the upstream served per decision
-    gateway_cpu_ms_per_request: float  # gateway process CPU (user + system) per decision
+    gateway_cpu_ms_per_request: float  # gateway processes' CPU (user + system) per decision
     upstream_cpu_ms_per_request: float
     throughput_rps: float
     wall_s: float
+    workers: int
     statuses: dict[str, int] = field(default_factory=dict)
 
 
@@ -325,6 +325,7 @@ def run_gateway_bench(
     warmup: int = 64,
     policy: str = "default",
     upstream_concurrency: int = 16,
+    workers: int = 1,
 ) -> GatewayBenchResult:
     """Start upstream + gateway subprocesses on loopback and measure (see module docstring)."""
     with tempfile.TemporaryDirectory(prefix="sg-bench-") as tmp:
@@ -342,32 +343,35 @@ def run_gateway_bench(
             gw_cmd = [
                 sys.executable,
                 "-m",
-                "safetygame.bench.gateway",
-                "gateway",
+                "safetygame.cli",
+                "serve",
                 "--upstream",
                 up_url,
+                "--port",
+                "0",
                 "--policy",
                 policy,
                 "--audit",
                 f"sqlite:///{tmpdir / 'audit.sqlite3'}",
                 "--upstream-concurrency",
                 str(upstream_concurrency),
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
             ]
             gw, gw_url = start_server_process(gw_cmd, tmpdir / "gateway.log")
             try:
                 asyncio.run(_load(gw_url, warmup, concurrency))
-                up_before = httpx.get(f"{gw_url}/metrics").text
                 http_before = httpx.get(f"{up_url}/stats").json()["requests"]
-                cpu_before = (_cpu_s(gw.pid), _cpu_s(up.pid))
+                cpu_before = (_tree_cpu_s(gw.pid), _cpu_s(up.pid))
                 timings, codes, wall = asyncio.run(_load(gw_url, requests, concurrency))
-                cpu_after = (_cpu_s(gw.pid), _cpu_s(up.pid))
+                cpu_after = (_tree_cpu_s(gw.pid), _cpu_s(up.pid))
                 http_after = httpx.get(f"{up_url}/stats").json()["requests"]
-                up_after = httpx.get(f"{gw_url}/metrics").text
             finally:
                 stop_server_process(gw)
         finally:
             stop_server_process(up)
-    calls = _upstream_calls(up_after) - _upstream_calls(up_before)
     rounds = upstream_rounds(policy)
     if not timings:
         raise RuntimeError(f"no successful requests (status codes {sorted(set(codes))})")
@@ -399,12 +403,12 @@ def run_gateway_bench(
         concurrency=concurrency,
         upstream_latency_ms=latency * ms,
         upstream_rounds=rounds,
-        upstream_calls_per_request=calls / max(len(codes), 1),
         upstream_http_per_request=(http_after - http_before) / max(len(codes), 1),
         gateway_cpu_ms_per_request=(cpu_after[0] - cpu_before[0]) / max(len(codes), 1) * ms,
         upstream_cpu_ms_per_request=(cpu_after[1] - cpu_before[1]) / max(len(codes), 1) * ms,
         throughput_rps=len(codes) / wall,
         wall_s=wall,
+        workers=workers,
         statuses=statuses,
     )
 
@@ -418,35 +422,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _upstream_calls(metrics_text: str) -> float:
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith("safetygame_upstream_calls_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _serve_gateway(upstream: str, policy: str, audit_url: str, concurrency: int) -> int:
-    """The gateway under test, as ``safetygame serve`` runs it, with an unthrottled client so
-    the upstream's fixed latency is the only upstream cost."""
-    from safetygame.backends.openai_compat import OpenAICompatBackend
-    from safetygame.gateway.app import GatewaySettings, create_app
-    from safetygame.gateway.server import run as run_loop
-    from safetygame.gateway.server import serve_app
-
-    backend = OpenAICompatBackend(upstream, max_concurrency=concurrency, max_retries=0)
-    settings = GatewaySettings(policy=policy, audit_url=audit_url)
-
-    async def run() -> bool:
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its child processes (the workers of ``serve --workers``)."""
+    total = _cpu_s(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            app = create_app(backend, settings)
-            return await serve_app(
-                app, port=0, log_level="warning", on_ready=lambda url: print(url, flush=True)
-            )
-        finally:
-            await backend.aclose()
-
-    return 0 if run_loop(run()) else 1
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += _cpu_s(int(stat.parent.name))
+    return total
 
 
 # -- ``python -m safetygame.bench.gateway upstream``: the upstream as a subprocess ----------------
@@ -459,14 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--latency", type=float, default=0.05, help="seconds per request")
     u.add_argument("--port", type=int, default=0)
     u.add_argument("--fault", choices=["garbage", "http500", "wrong_shape", "hang"])
-    g = sub.add_parser("gateway", help="serve a gateway on a free port for the benchmark")
-    g.add_argument("--upstream", required=True)
-    g.add_argument("--policy", default="default")
-    g.add_argument("--audit", required=True)
-    g.add_argument("--upstream-concurrency", type=int, default=1024)
     args = ap.parse_args(argv)
-    if args.cmd == "gateway":
-        return _serve_gateway(args.upstream, args.policy, args.audit, args.upstream_concurrency)
 
     async def serve() -> None:
         up = LoopbackUpstream(args.latency, port=args.port, fault=args.fault)

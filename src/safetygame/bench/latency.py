@@ -26,10 +26,33 @@ PROMPTS: tuple[str, ...] = (
 )
 
 
+# A prompt whose answer runs past any small max_tokens, so every stream decodes in full.
+LONG_PROMPT = "Write a long, detailed essay on the history of bridges, at least 600 words."
+
+
+async def decode_throughput(
+    backend: Backend, streams: int, max_tokens: int = 128, seed: int = 0
+) -> float:
+    """Completion tokens per second, summed over ``streams`` answers sampled at once."""
+    cfg = SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed)
+    t = time.perf_counter()
+    out = await backend.sample([Message("user", LONG_PROMPT)], streams, cfg)
+    return sum(c.completion_tokens for c in out) / (time.perf_counter() - t)
+
+
 async def run_latency(
-    backend: Backend, policy: Policy, n_prompts: int = 4, seed: int = 0, progress: bool = True
+    backend: Backend,
+    policy: Policy,
+    n_prompts: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    decode_tokens: int = 128,
 ) -> dict[str, Any]:
-    """Median wall time of one plain answer vs one full decision (fresh scores, no cache hits)."""
+    """Median wall time of one plain answer vs one full decision (fresh scores, no cache hits).
+
+    Also measures the backend's decode rate with one stream and with m streams at once: a
+    decision generates m candidates, so ``m * rate_1 / rate_m`` is a floor on the ratio
+    (before any probe) when candidates are as long as the plain answer."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)]
     cfg = SamplingConfig(
         temperature=policy.sampling.temperature,
@@ -56,6 +79,9 @@ async def run_latency(
         stages.append(decision.timings)
     plain_s = statistics.median(plain)
     full_s = statistics.median(full)
+    m = policy.sampling.n
+    rate_1 = await decode_throughput(backend, 1, decode_tokens, seed)
+    rate_m = await decode_throughput(backend, m, decode_tokens, seed)
     return {
         "model_id": backend.model_id,
         "prompts": n_prompts,
@@ -72,6 +98,10 @@ async def run_latency(
         "generate_s": _median_stage(stages, "generate_s"),
         "score_s": _median_stage(stages, "score_s"),
         "stage_runs_s": stages,
+        # how well the backend runs m streams at once (tokens/s summed over streams)
+        "decode_tok_s_1": rate_1,
+        "decode_tok_s_m": rate_m,
+        "ratio_floor": m * rate_1 / rate_m,
     }
 
 

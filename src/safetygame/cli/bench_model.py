@@ -24,6 +24,13 @@ from safetygame.policy import load_policy
 @policy_option
 @click.option("--prompts", "n_prompts", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--decode-tokens",
+    type=click.IntRange(1, 4096),
+    default=128,
+    show_default=True,
+    help="Tokens per stream in the decode-rate measurement (1 vs m streams at once).",
+)
 @json_option
 @clean_errors
 def latency(
@@ -33,6 +40,7 @@ def latency(
     policy_ref: str | None,
     n_prompts: int,
     seed: int,
+    decode_tokens: int,
     as_json: bool,
 ) -> None:
     """Median time of one plain answer vs a full Safety Game decision, and their ratio."""
@@ -42,7 +50,7 @@ def latency(
 
     async def run() -> dict[str, Any]:
         async with open_backend(model, upstream, api_key) as backend:
-            return await run_latency(backend, policy, n_prompts, seed, progress=not as_json)
+            return await run_latency(backend, policy, n_prompts, seed, not as_json, decode_tokens)
 
     out = asyncio.run(run())
     if as_json:
@@ -53,7 +61,10 @@ def latency(
             f"max_tokens = {out['max_tokens']}\n"
             f"plain answer   {out['plain_s']:.2f} s (median)\n"
             f"safety game    {out['safetygame_s']:.2f} s (median)\n"
-            f"ratio          {out['ratio']:.2f}"
+            f"ratio          {out['ratio']:.2f}\n"
+            f"decode rate    {out['decode_tok_s_1']:.1f} tok/s with 1 stream, "
+            f"{out['decode_tok_s_m']:.1f} tok/s with {out['candidates']} at once\n"
+            f"ratio floor    {out['ratio_floor']:.2f} (m x rate_1 / rate_m: generation alone)"
         )
 
 

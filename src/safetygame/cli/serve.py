@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -109,6 +110,14 @@ def _backend(
     default="info",
     show_default=True,
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Gateway processes sharing the port (URL upstreams; see docs/gateway.md).",
+)
+@click.option("--fd", type=int, default=None, hidden=True, help="Listening socket (workers).")
 @json_option
 @clean_errors
 def serve(
@@ -126,6 +135,8 @@ def serve(
     max_body_bytes: int,
     reload_interval: float,
     log_level: str,
+    workers: int,
+    fd: int | None,
     as_json: bool,
 ) -> None:
     """Serve the OpenAI-compatible gateway. Prints its URL on the first stdout line."""
@@ -149,21 +160,56 @@ def serve(
     )
     if upstream_concurrency < 1:
         raise ConfigError("--upstream-concurrency must be >= 1")
-    backend = _backend(upstream, model, api_key, upstream_concurrency, timeout)
 
-    def ready(url: str) -> None:
+    def ready(url: str, worker_pids: list[int] | None = None) -> None:
         if as_json:
-            click.echo(
-                json.dumps({"url": url, "pid": os.getpid(), "audit": audit_url.split("://")[0]})
-            )
+            info = {"url": url, "pid": os.getpid(), "audit": audit_url.split("://")[0]}
+            if worker_pids is not None:
+                info["workers"] = worker_pids
+            click.echo(json.dumps(info))
         else:
             click.echo(url)
         sys.stdout.flush()
 
+    if workers > 1:
+        from safetygame.gateway.workers import run_workers, worker_command
+
+        if upstream == "embedded":
+            raise ConfigError(
+                "--workers > 1 needs a URL upstream (one model for all workers): serve the "
+                "model with `python -m safetygame.backends.llamacpp` and pass its URL"
+            )
+        checked = _backend(upstream, model, api_key, 1, timeout)
+        try:
+            create_app(checked, settings)  # a bad policy or tenants file fails here, once
+        finally:
+            asyncio.run(checked.aclose())
+        args = [
+            "--upstream", upstream, "--policy", policy, "--served-model", served_model,
+            "--audit", audit_url, "--timeout", str(timeout),
+            "--upstream-concurrency", str(upstream_concurrency),
+            "--max-body-bytes", str(max_body_bytes), "--reload-interval", str(reload_interval),
+            "--log-level", log_level,
+            *(["--tenants", str(tenants_file)] if tenants_file else []),
+            *(["--model", model] if model else []),
+        ]  # fmt: skip
+        env_key = {"SAFETYGAME_UPSTREAM_API_KEY": api_key} if api_key else {}
+        os.environ.update(env_key)  # to the workers, not on their command lines
+        sys.exit(run_workers(worker_command(args), host, port, workers, ready))
+
+    backend = _backend(upstream, model, api_key, upstream_concurrency, timeout)
+    sock = None
+    if fd is not None:
+        from safetygame.gateway.workers import worker_socket
+
+        sock = worker_socket(fd)
+
     async def run() -> bool:
         try:
             app = create_app(backend, settings)  # validates policy and tenants before binding
-            return await serve_app(app, host=host, port=port, log_level=log_level, on_ready=ready)
+            return await serve_app(
+                app, host=host, port=port, log_level=log_level, on_ready=ready, sock=sock
+            )
         finally:
             await backend.aclose()
 
@@ -253,10 +299,22 @@ def hash_key_cmd(key: str | None, as_json: bool) -> None:
     show_default=True,
     help="Upstream calls the gateway keeps in flight (>= 5 x concurrency, or it is the cap).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Gateway processes (safetygame serve --workers).",
+)
 @json_option
 @clean_errors
 def bench_gateway(
-    requests: int, concurrency: int, latency_ms: float, upstream_concurrency: int, as_json: bool
+    requests: int,
+    concurrency: int,
+    latency_ms: float,
+    upstream_concurrency: int,
+    workers: int,
+    as_json: bool,
 ) -> None:
     """The gateway's own overhead against a fixed-latency loopback upstream (p50/p99 ms)."""
     from safetygame.bench.gateway import run_gateway_bench
@@ -268,6 +326,7 @@ def bench_gateway(
         concurrency=concurrency,
         latency=latency_ms / 1000,
         upstream_concurrency=upstream_concurrency,
+        workers=workers,
     )
     if as_json:
         print_json(result)
@@ -276,7 +335,8 @@ def bench_gateway(
     click.echo(
         f"gateway overhead at concurrency {r['concurrency']} ({r['ok']}/{r['requests']} ok, "
         f"{r['throughput_rps']:.0f} req/s, upstream {r['upstream_latency_ms']:.0f} ms x "
-        f"{r['upstream_rounds']} rounds, {r['upstream_calls_per_request']:.1f} calls/request)\n"
+        f"{r['upstream_rounds']} rounds, {r['upstream_http_per_request']:.1f} upstream "
+        f"requests each, {r['workers']} worker(s))\n"
         f"  outside upstream waits: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
         f"(targets 5 / 20)\n"
         f"  same without the audit commit wait: p50 {r['no_audit_p50_ms']:.2f} ms  "

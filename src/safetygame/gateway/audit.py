@@ -7,9 +7,10 @@ Two stores share one schema and one write path:
   share one database.
 
 ``write`` returns only after the record's transaction has committed. Writes are *group
-committed*: one writer drains every record waiting and commits them in one transaction, so
-under load many requests share one fsync instead of queueing for one each. Records are keyed
-by ``request_id`` with insert-or-ignore, so a retried write never duplicates a record.
+committed*: one writer thread drains every record waiting and commits them in one
+transaction, so under load many requests share one fsync instead of queueing for one each.
+Records are keyed by ``request_id`` with insert-or-ignore, so a retried write never
+duplicates a record.
 
 A record is a JSON object (see ``audit_record``); it holds the conversation and every
 candidate, so the store is as sensitive as the traffic itself.
@@ -18,15 +19,14 @@ candidate, so the store is as sensitive as the traffic itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import math
+import queue
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import numpy as np
 from safetygame.agent import Decision
 from safetygame.errors import ConfigError
 
-MAX_BATCH = 512
+MAX_BATCH = 512  # records per commit: 9 x 512 bound parameters, under SQLite's 32,766
 
 _COLUMNS = (
     "request_id",
@@ -93,6 +93,16 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
+def _insert_sql(verb: str, ph: str, n: int, tail: str) -> str:
+    """``verb`` INTO decisions with ``n`` rows of placeholders ``ph`` in one VALUES list."""
+    one = "(" + ", ".join([ph] * len(_COLUMNS)) + ")"
+    return f"{verb} INTO decisions ({', '.join(_COLUMNS)}) VALUES {', '.join([one] * n)}{tail}"
+
+
+def _flat(rows: list[tuple[Any, ...]]) -> list[Any]:
+    return [v for row in rows for v in row]
+
+
 def _row(record: dict[str, Any]) -> tuple[Any, ...]:
     return (
         record["request_id"],
@@ -107,70 +117,103 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+_Pending = tuple[dict[str, Any], "asyncio.Future[None]"]  # a record and its waiter
+
+
 class AuditStore(ABC):
-    """Durable decision records. ``start`` before use, ``close`` after."""
+    """Durable decision records. ``start`` before use, ``close`` after.
+
+    One writer thread per store owns the write connection: ``write`` hands the record to it
+    without an event-loop round trip, the thread serialises and commits everything waiting
+    in one transaction, and wakes all of that batch's waiters with one callback. Encoding
+    and the commit's I/O stay off the event loop."""
 
     url: str
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[None]]] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        await self._open()
-        self._queue = asyncio.Queue()
-        self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._open)
+        self._thread = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        if self._writer is not None and self._queue is not None:
-            # Let records already queued commit before the writer stops.
-            while not self._queue.empty():
-                await asyncio.sleep(0.01)
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
-        await self._close()
+        if self._thread is not None:
+            self._queue.put(None)  # after every record already queued
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        await asyncio.to_thread(self._close)
 
     async def write(self, record: dict[str, Any]) -> None:
         """Return once ``record`` is committed; raise if it could not be."""
-        if self._queue is None:
+        if self._thread is None or self._loop is None:
             raise RuntimeError("audit store not started")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((record, fut))
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put((record, fut))
         await fut
 
-    async def _write_loop(self) -> None:
-        assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._queue.get_nowait())
+    def _write_loop(self) -> None:
+        assert self._loop is not None
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch: list[_Pending] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stop = item is None
+            if not batch:
+                continue
+            error: BaseException | None = None
             try:
-                await self._write_batch([_row(r) for r, _ in batch])
+                self._write_rows([_row(r) for r, _ in batch])
             except Exception as exc:  # every waiter learns its record was not written
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            else:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+                error = exc
+            try:
+                self._loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
+            except RuntimeError:  # the loop is gone: nobody is waiting any more
+                return
 
     @abstractmethod
-    async def _open(self) -> None: ...
+    def _open(self) -> None:
+        """Open the write connection and create the schema (runs in a worker thread)."""
 
     @abstractmethod
-    async def _close(self) -> None: ...
+    def _close(self) -> None: ...
 
     @abstractmethod
-    async def _write_batch(self, rows: list[tuple[Any, ...]]) -> None: ...
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` in one committed transaction (runs in the writer thread)."""
 
-    @abstractmethod
     async def recent(
         self, tenant: str | None, limit: int = 50, since: float | None = None
     ) -> list[dict[str, Any]]:
         """The newest records (newest first), of one tenant or of all when ``tenant`` is None."""
+        return await asyncio.to_thread(self._recent, tenant, limit, since)
+
+    @abstractmethod
+    def _recent(
+        self, tenant: str | None, limit: int, since: float | None
+    ) -> list[dict[str, Any]]: ...
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for fut in futures:
+        if fut.done():  # the waiter was cancelled
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
 
 
 # -- SQLite ---------------------------------------------------------------------------------
@@ -208,51 +251,26 @@ class SQLiteAuditStore(AuditStore):
         self.url = f"sqlite:///{self.path}"
         self._db: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        # One thread owns every write: commits happen in order, off the event loop.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
 
-    async def _open(self) -> None:
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
-        self._db = await loop.run_in_executor(self._pool, self._open_sync)
-
-    def _open_sync(self) -> sqlite3.Connection:
         db = _sqlite_connect(self.path)
         db.executescript(_SQLITE_SCHEMA)
-        return db
+        self._db = db
 
-    async def _close(self) -> None:
+    def _close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
-        self._pool.shutdown(wait=True)
+            db.close()
 
-    async def _write_batch(self, rows: list[tuple[Any, ...]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._write_sync, rows)
-
-    def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
         assert self._db is not None
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                f"INSERT OR IGNORE INTO decisions ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                rows,
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        # One statement in autocommit mode is one atomic transaction, and one trip through
+        # sqlite3 (one release and re-take of the GIL, which the busy event loop holds most
+        # of the time) instead of one per row plus BEGIN and COMMIT.
+        self._db.execute(_insert_sql("INSERT OR IGNORE", "?", len(rows), ""), _flat(rows))
 
-    async def recent(
-        self, tenant: str | None, limit: int = 50, since: float | None = None
-    ) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._recent_sync, tenant, limit, since)
-
-    def _recent_sync(
-        self, tenant: str | None, limit: int, since: float | None
-    ) -> list[dict[str, Any]]:
+    def _recent(self, tenant: str | None, limit: int, since: float | None) -> list[dict[str, Any]]:
         sql, args = _select(tenant, since, "?")
         with self._read_lock:
             db = _sqlite_connect(self.path)
@@ -308,8 +326,8 @@ def _psycopg() -> Any:
 
 
 class PostgresAuditStore(AuditStore):
-    """One write connection and one read connection per process; many processes may share
-    the database (``request_id`` is unique, inserts ignore conflicts)."""
+    """One write connection (the writer thread's) and one read connection per process; many
+    processes may share the database (``request_id`` is unique, inserts ignore conflicts)."""
 
     def __init__(self, url: str) -> None:
         super().__init__()
@@ -317,52 +335,44 @@ class PostgresAuditStore(AuditStore):
         self._pg = _psycopg()
         self._conn: Any = None
         self._read: Any = None
-        self._read_lock = asyncio.Lock()
+        self._read_lock = threading.Lock()
 
-    async def _connect(self) -> Any:
-        conn = await self._pg.AsyncConnection.connect(self.url, connect_timeout=10)
-        return conn
+    def _connect(self) -> Any:
+        return self._pg.connect(self.url, connect_timeout=10, autocommit=True)
 
-    async def _open(self) -> None:
-        self._conn = await self._connect()
+    def _open(self) -> None:
+        self._conn = self._connect()
         # Concurrent CREATE IF NOT EXISTS can still race in PostgreSQL: serialise it.
-        async with self._conn.transaction():
-            await self._conn.execute("SELECT pg_advisory_xact_lock(727274)")
-            await self._conn.execute(_PG_SCHEMA)
+        with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(727274)")
+            self._conn.execute(_PG_SCHEMA)
 
-    async def _close(self) -> None:
+    def _close(self) -> None:
         for conn in (self._conn, self._read):
             if conn is not None:
-                await conn.close()
+                conn.close()
         self._conn = self._read = None
 
-    async def _write_batch(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
         if self._conn is None or self._conn.closed:
-            self._conn = await self._connect()
+            self._conn = self._connect()
         try:
-            async with self._conn.transaction(), self._conn.cursor() as cur:
-                await cur.executemany(
-                    f"INSERT INTO decisions ({', '.join(_COLUMNS)}) "
-                    f"VALUES ({', '.join(['%s'] * len(_COLUMNS))}) "
-                    "ON CONFLICT (request_id) DO NOTHING",
-                    rows,
-                )
+            # One multi-row statement in autocommit mode: one round trip, atomic.
+            sql = _insert_sql("INSERT", "%s", len(rows), " ON CONFLICT (request_id) DO NOTHING")
+            self._conn.execute(sql, _flat(rows))
         except self._pg.OperationalError:
             # A broken connection: drop it so the next batch reconnects.
-            await self._conn.close()
+            self._conn.close()
             self._conn = None
             raise
 
-    async def recent(
-        self, tenant: str | None, limit: int = 50, since: float | None = None
-    ) -> list[dict[str, Any]]:
+    def _recent(self, tenant: str | None, limit: int, since: float | None) -> list[dict[str, Any]]:
         sql, args = _select(tenant, since, "%s")
-        async with self._read_lock:
+        with self._read_lock:
             if self._read is None or self._read.closed:
-                self._read = await self._connect()
-                await self._read.set_autocommit(True)
-            cur = await self._read.execute(sql + " ORDER BY seq DESC LIMIT %s", (*args, limit))
-            rows = await cur.fetchall()
+                self._read = self._connect()
+            cur = self._read.execute(sql + " ORDER BY seq DESC LIMIT %s", (*args, limit))
+            rows = cur.fetchall()
         return [r[0] if isinstance(r[0], dict) else json.loads(r[0]) for r in rows]
 
 

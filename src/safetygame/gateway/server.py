@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -37,9 +38,12 @@ async def serve_app(
     port: int = 8000,
     log_level: str = "info",
     on_ready: Callable[[str], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> bool:
     """Serve until stopped (SIGINT/SIGTERM). ``on_ready(url)`` runs once the socket is bound
-    (``port=0`` picks a free one). Returns False if the server failed to start."""
+    (``port=0`` picks a free one). ``sock``: accept on this listening socket instead of
+    binding ``host:port`` (the workers of ``safetygame serve --workers N`` share one).
+    Returns False if the server failed to start."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -52,13 +56,13 @@ async def serve_app(
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=None if sock is None else [sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if not server.started:
         await task
         return False
-    bound = server.servers[0].sockets[0].getsockname()
+    bound = (sock or server.servers[0].sockets[0]).getsockname()
     if on_ready is not None:
         on_ready(f"http://{bound[0]}:{bound[1]}")
     await task

@@ -1,0 +1,187 @@
+"""Several gateway processes on one listening socket: ``safetygame serve --workers N``.
+
+One event loop runs a gateway's Python work (parsing, the upstream exchanges, the LP, the
+audit record) on one core. ``--workers N`` binds the socket once in a supervisor process and
+starts N ordinary gateway processes that accept on it; the kernel gives each new connection
+to whichever worker accepts first. Workers are stateless: each has its own upstream client,
+policy watcher and audit-store connection, and records are keyed by request id, so they may
+share one SQLite file (writers take turns) or one PostgreSQL database.
+
+The supervisor restarts a worker that dies and stops them all on SIGINT/SIGTERM. Each
+worker's ``/metrics`` counts only its own requests (sum them, or scrape every worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from safetygame.errors import ConfigError
+
+log = logging.getLogger("safetygame.gateway.workers")
+
+RESTART_DELAY_S = 1.0  # between a worker's death and its replacement (no tight crash loop)
+
+
+def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A bound, listening TCP socket that child processes can inherit."""
+    try:
+        sock = socket.create_server((host, port), backlog=backlog)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class WorkerPool:
+    """``workers`` copies of ``command + ["--fd", FD]`` sharing the listening socket ``sock``.
+
+    ``command`` is a ``safetygame serve`` command line that prints its URL on the first
+    stdout line once it accepts connections (the pool waits for that line)."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        sock: socket.socket,
+        workers: int,
+        *,
+        ready_timeout: float = 120.0,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        self.command = [*command, "--fd", str(sock.fileno())]
+        self.sock = sock
+        self.workers = workers
+        self.ready_timeout = ready_timeout
+        self.procs: list[subprocess.Popen[str]] = []
+        self.restarts = 0
+        self._stop = threading.Event()
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            self.command,
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=(self.sock.fileno(),),
+        )
+        assert proc.stdout is not None
+        line = _readline(proc, self.ready_timeout)
+        proc.stdout.close()  # a worker prints only its ready line
+        if not line.startswith("http"):
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            raise RuntimeError(f"gateway worker did not start (exit code {proc.returncode})")
+        return proc
+
+    def start(self) -> None:
+        try:
+            for _ in range(self.workers):
+                self.procs.append(self._spawn())
+        except BaseException:
+            self.stop()
+            raise
+
+    def supervise(self, poll: float = 0.5) -> None:
+        """Until ``stop``: replace any worker that exits."""
+        while not self._stop.wait(poll):
+            for i, proc in enumerate(self.procs):
+                if proc.poll() is None:
+                    continue
+                log.warning(
+                    "gateway worker %d exited (code %s); restarting it", proc.pid, proc.returncode
+                )
+                if self._stop.wait(RESTART_DELAY_S):
+                    return
+                try:
+                    self.procs[i] = self._spawn()
+                    self.restarts += 1
+                except RuntimeError as exc:
+                    log.error("%s; retrying", exc)
+
+    def request_stop(self) -> None:
+        """Make ``supervise`` return (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every worker (each finishes its requests in flight), then wait."""
+        self._stop.set()
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The first stdout line of ``proc``, or "" after ``timeout`` (the process is killed)."""
+    out: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: out.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        proc.kill()
+        reader.join(5)
+    return out[0].strip() if out else ""
+
+
+def run_workers(
+    command: Sequence[str],
+    host: str,
+    port: int,
+    workers: int,
+    on_ready: Callable[[str, list[int]], None],
+) -> int:
+    """Bind ``host:port``, start the pool, call ``on_ready(url, pids)``, supervise until
+    SIGINT/SIGTERM, stop the workers. Returns the exit code."""
+    sock = listen(host, port)
+    bound = sock.getsockname()
+    pool = WorkerPool(command, sock, workers)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        pool.request_stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        pool.start()
+        on_ready(f"http://{bound[0]}:{bound[1]}", [p.pid for p in pool.procs])
+        pool.supervise()
+    finally:
+        pool.stop()
+        sock.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def worker_socket(fd: int) -> socket.socket:
+    """The listening socket a supervisor passed to this worker as file descriptor ``fd``."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"--fd {fd}: not an open socket ({exc.strerror or exc})") from None
+    if sock.type != socket.SOCK_STREAM:
+        raise ConfigError(f"--fd {fd}: not a stream socket")
+    os.set_inheritable(fd, False)
+    return sock
+
+
+def worker_command(args: Sequence[str]) -> list[str]:
+    """The command line of one worker: ``safetygame serve`` with ``args``."""
+    return [sys.executable, "-m", "safetygame.cli", "serve", *args]
