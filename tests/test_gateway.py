@@ -590,3 +590,10 @@ def test_bench_gateway_cli(workers: int) -> None:
     assert 0 <= out["no_audit_p50_ms"] <= out["p99_ms"] + out["audit_p50_ms"]
     assert out["upstream_http_per_request"] >= out["upstream_rounds"]
     assert out["gateway_cpu_ms_per_request"] > 0
+
+
+def test_workers_need_a_url_upstream() -> None:
+    from safetygame.cli import main
+
+    res = CliRunner().invoke(main, ["serve", "--upstream", "embedded", "--workers", "2"])
+    assert res.exit_code == 2 and "needs a URL upstream" in res.output

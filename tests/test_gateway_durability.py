@@ -17,7 +17,12 @@ from pathlib import Path
 
 import httpx
 
-from safetygame.bench.gateway import start_server_process, stop_server_process, upstream_in_thread
+from safetygame.bench.gateway import (
+    child_pids,
+    start_server_process,
+    stop_server_process,
+    upstream_in_thread,
+)
 from safetygame.gateway.audit import export_records
 
 SERVE = [sys.executable, "-c", "from safetygame.cli import main; main()", "serve"]
@@ -106,18 +111,6 @@ def test_kill_9_under_load_loses_no_acknowledged_decision(tmp_path: Path) -> Non
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def _children(pid: int) -> set[int]:
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.add(int(stat.parent.name))
-    return out
-
-
 def test_workers_share_one_port_and_store_and_survive_a_crash(tmp_path: Path) -> None:
     """``--workers 2``: one port, one SQLite audit file; a worker killed with -9 under load
     is replaced, no acknowledged decision is lost or duplicated, SIGINT stops them all."""
@@ -134,7 +127,7 @@ def test_workers_share_one_port_and_store_and_survive_a_crash(tmp_path: Path) ->
             assert sup.stdout is not None
             info = json.loads(sup.stdout.readline())
             first = set(info["workers"])
-            assert len(first) == 2 and _children(sup.pid) == first
+            assert len(first) == 2 and child_pids(sup.pid) == first
             client = threading.Thread(
                 target=load_until_failure, args=(info["url"], acked, stop, 16)
             )
@@ -148,7 +141,7 @@ def test_workers_share_one_port_and_store_and_survive_a_crash(tmp_path: Path) ->
             client.join(60)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                now = _children(sup.pid)
+                now = child_pids(sup.pid)
                 if len(now) == 2 and victim not in now:
                     break
                 time.sleep(0.2)
@@ -168,7 +161,7 @@ def test_workers_share_one_port_and_store_and_survive_a_crash(tmp_path: Path) ->
                     after.append(r.headers["x-request-id"])
             sup.send_signal(signal.SIGINT)
             assert sup.wait(30) == 0
-            assert not _children(sup.pid)
+            assert not child_pids(sup.pid)
             assert not any(Path(f"/proc/{p}").exists() for p in now)
         finally:
             if sup.poll() is None:

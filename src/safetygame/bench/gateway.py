@@ -422,17 +422,22 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds of ``pid`` and its child processes (the workers of ``serve --workers``)."""
-    total = _cpu_s(pid)
+def child_pids(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    out = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[1]) == pid:
-            total += _cpu_s(int(stat.parent.name))
-    return total
+        if ppid == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its child processes (the workers of ``serve --workers``)."""
+    return _cpu_s(pid) + sum(_cpu_s(child) for child in child_pids(pid))
 
 
 # -- ``python -m safetygame.bench.gateway upstream``: the upstream as a subprocess ----------------
