@@ -413,11 +413,18 @@ def run_gateway_bench(
     )
 
 
+def _stat_fields(stat: Path) -> list[str] | None:
+    """The fields after the command name of a /proc/PID/stat file, or None if it is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far (Linux /proc), else NaN."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    if fields is None:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -426,11 +433,8 @@ def child_pids(pid: int) -> set[int]:
     """The live child processes of ``pid`` (Linux /proc)."""
     out = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
+        fields = _stat_fields(stat)
+        if fields is not None and fields[1] == str(pid):
             out.add(int(stat.parent.name))
     return out
 

@@ -34,7 +34,7 @@ async def decode_throughput(
     backend: Backend, streams: int, max_tokens: int = 128, seed: int = 0
 ) -> float:
     """Completion tokens per second, summed over ``streams`` answers sampled at once."""
-    cfg = SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed)
+    cfg = SamplingConfig(max_tokens=max_tokens, seed=seed)  # default temperature and top_p
     t = time.perf_counter()
     out = await backend.sample([Message("user", LONG_PROMPT)], streams, cfg)
     return sum(c.completion_tokens for c in out) / (time.perf_counter() - t)

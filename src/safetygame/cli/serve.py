@@ -8,16 +8,24 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from safetygame.backends.base import Backend
 from safetygame.cli import bench, main
-from safetygame.cli._common import clean_errors, fail, json_option, print_json, to_jsonable
+from safetygame.cli._common import F, clean_errors, fail, json_option, print_json, to_jsonable
 from safetygame.errors import ConfigError
 
 DEFAULT_AUDIT = "sqlite:///safetygame-audit.sqlite3"
+
+
+def workers_option(help: str) -> Callable[[F], F]:
+    """``--workers N`` (gateway processes), shared by ``serve`` and ``bench gateway``."""
+    return click.option(
+        "--workers", type=click.IntRange(1, 64), default=1, show_default=True, help=help
+    )
 
 
 def _backend(
@@ -110,13 +118,7 @@ def _backend(
     default="info",
     show_default=True,
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="Gateway processes sharing the port (URL upstreams; see docs/gateway.md).",
-)
+@workers_option("Gateway processes sharing the port (URL upstreams; see docs/gateway.md).")
 @click.option("--fd", type=int, default=None, hidden=True, help="Listening socket (workers).")
 @json_option
 @clean_errors
@@ -193,9 +195,10 @@ def serve(
             *(["--tenants", str(tenants_file)] if tenants_file else []),
             *(["--model", model] if model else []),
         ]  # fmt: skip
-        env_key = {"SAFETYGAME_UPSTREAM_API_KEY": api_key} if api_key else {}
-        os.environ.update(env_key)  # to the workers, not on their command lines
-        sys.exit(run_workers(worker_command(args), host, port, workers, ready))
+        if api_key:  # to the workers, not on their command lines
+            os.environ["SAFETYGAME_UPSTREAM_API_KEY"] = api_key
+        run_workers(worker_command(args), host, port, workers, ready)
+        return
 
     backend = _backend(upstream, model, api_key, upstream_concurrency, timeout)
     sock = None
@@ -299,13 +302,7 @@ def hash_key_cmd(key: str | None, as_json: bool) -> None:
     show_default=True,
     help="Upstream calls the gateway keeps in flight (>= 5 x concurrency, or it is the cap).",
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="Gateway processes (safetygame serve --workers).",
-)
+@workers_option("Gateway processes (safetygame serve --workers).")
 @json_option
 @clean_errors
 def bench_gateway(

@@ -134,6 +134,7 @@ class AuditStore(ABC):
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_lock = threading.Lock()  # one reader at a time (``_recent``)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -250,7 +251,6 @@ class SQLiteAuditStore(AuditStore):
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self._db: sqlite3.Connection | None = None
-        self._read_lock = threading.Lock()
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +335,6 @@ class PostgresAuditStore(AuditStore):
         self._pg = _psycopg()
         self._conn: Any = None
         self._read: Any = None
-        self._read_lock = threading.Lock()
 
     def _connect(self) -> Any:
         return self._pg.connect(self.url, connect_timeout=10, autocommit=True)

@@ -62,7 +62,6 @@ class WorkerPool:
         self.workers = workers
         self.ready_timeout = ready_timeout
         self.procs: list[subprocess.Popen[str]] = []
-        self.restarts = 0
         self._stop = threading.Event()
 
     def _spawn(self) -> subprocess.Popen[str]:
@@ -103,7 +102,6 @@ class WorkerPool:
                     return
                 try:
                     self.procs[i] = self._spawn()
-                    self.restarts += 1
                 except RuntimeError as exc:
                     log.error("%s; retrying", exc)
 
@@ -147,9 +145,9 @@ def run_workers(
     port: int,
     workers: int,
     on_ready: Callable[[str, list[int]], None],
-) -> int:
+) -> None:
     """Bind ``host:port``, start the pool, call ``on_ready(url, pids)``, supervise until
-    SIGINT/SIGTERM, stop the workers. Returns the exit code."""
+    SIGINT/SIGTERM, stop the workers."""
     sock = listen(host, port)
     bound = sock.getsockname()
     pool = WorkerPool(command, sock, workers)
@@ -167,7 +165,6 @@ def run_workers(
         sock.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 0
 
 
 def worker_socket(fd: int) -> socket.socket:
