@@ -12,6 +12,8 @@ import asyncio
 import json
 import logging
 import sqlite3
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -597,3 +599,17 @@ def test_workers_need_a_url_upstream() -> None:
 
     res = CliRunner().invoke(main, ["serve", "--upstream", "embedded", "--workers", "2"])
     assert res.exit_code == 2 and "needs a URL upstream" in res.output
+
+
+def test_workers_that_cannot_start_give_a_one_line_error(tmp_path: Path) -> None:
+    # The audit file's folder cannot be created (a regular file stands in the way).
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cmd = [
+        sys.executable, "-m", "safetygame.cli", "serve", "--upstream", "http://127.0.0.1:9/v1",
+        "--port", "0", "--workers", "2", "--audit", f"sqlite:///{blocker / 'a.db'}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: gateway worker did not start")
+    assert "_spawn" not in out.stderr  # no traceback from the supervisor itself

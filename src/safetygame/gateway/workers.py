@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from safetygame.errors import ConfigError
+from safetygame.errors import ConfigError, SafetygameError
 
 log = logging.getLogger("safetygame.gateway.workers")
 
@@ -78,7 +78,9 @@ class WorkerPool:
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait()
-            raise RuntimeError(f"gateway worker did not start (exit code {proc.returncode})")
+            raise SafetygameError(
+                f"gateway worker did not start (exit code {proc.returncode}); its log is above"
+            )
         return proc
 
     def start(self) -> None:
@@ -102,7 +104,7 @@ class WorkerPool:
                     return
                 try:
                     self.procs[i] = self._spawn()
-                except RuntimeError as exc:
+                except SafetygameError as exc:
                     log.error("%s; retrying", exc)
 
     def request_stop(self) -> None:
