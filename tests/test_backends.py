@@ -277,6 +277,29 @@ async def test_sample_sends_distinct_seeds_and_concurrent_requests() -> None:
     assert b.stats.prompt_tokens == 20
 
 
+async def test_stats_count_cached_and_computed_tokens() -> None:
+    def reply(usage: Any) -> httpx.Response:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "ok"}}
+        return httpx.Response(200, json={"choices": [choice], "usage": usage})
+
+    cached = {
+        "prompt_tokens": 40,
+        "completion_tokens": 2,
+        "prompt_tokens_details": {"cached_tokens": 30},
+    }
+    malformed = {
+        "prompt_tokens": 7,
+        "completion_tokens": 1,
+        "prompt_tokens_details": {"cached_tokens": "x"},
+    }
+    double = ScriptedServerDouble(reply(cached), reply(malformed), reply(None))
+    async with double.backend() as b:
+        for _ in range(3):
+            await b.sample(CHAT, 1, SamplingConfig())
+    assert (b.stats.prompt_tokens, b.stats.cached_prompt_tokens) == (47, 30)
+    assert b.stats.computed_tokens == 47 - 30 + 3  # a bad count is informational: 0, no error
+
+
 async def test_yes_no_pools_variants_from_logprobs() -> None:
     top = {"Yes": -0.5, " yes": -2.0, "No": -1.5, "Maybe": -3.0}
     double = ScriptedServerDouble(chat_response("Yes", top))

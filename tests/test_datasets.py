@@ -302,6 +302,20 @@ def test_subsample_stable_nested_and_ordered() -> None:
     assert ds.subsample(items, 1000, seed=0) == items
 
 
+def test_sample_order_completes_nested_samples_first() -> None:
+    items = _mc(300)
+    order = ds.sample_order(items, seed=9)
+    assert sorted(order) == list(range(300))
+    for k in (1, 20, 40, 299):
+        assert [items[i] for i in sorted(order[:k])] == ds.subsample(items, k, seed=9)
+    # a sample is worked in the pool's order: its first k are the pool's first k
+    sample = ds.subsample(items, 120, seed=9)
+    head = [sample[i].id for i in ds.sample_order(sample, seed=9)[:40]]
+    assert sorted(head) == sorted(it.id for it in ds.subsample(items, 40, seed=9))
+    with pytest.raises(ConfigError, match="ids must be unique"):
+        ds.sample_order([*items, items[0]])
+
+
 def test_shuffle_options_keeps_pairs(root: Path) -> None:
     items = ds.load("truthfulqa")
     shuffled = ds.shuffle_options(items, seed=3)

@@ -134,11 +134,20 @@ def yes_no_from_top_logprobs(top: Mapping[str, float]) -> tuple[float, float] | 
 
 @dataclass
 class BackendStats:
+    """Usage counters of a backend, as its server reports them."""
+
     calls: int = 0
     prompt_tokens: int = 0
+    #: prompt tokens the server took from its prompt cache instead of evaluating them
+    cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens the model actually ran: uncached prompt tokens plus generated ones."""
+        return self.prompt_tokens - self.cached_prompt_tokens + self.completion_tokens
 
 
 class Backend(ABC):
@@ -148,6 +157,8 @@ class Backend(ABC):
     model_id: str
     #: how many requests may be in flight at once
     max_concurrency: int = 4
+    #: usage counters, for backends that keep them (benchmarks read them)
+    stats: BackendStats | None = None
 
     @abstractmethod
     async def sample(

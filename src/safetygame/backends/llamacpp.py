@@ -156,6 +156,7 @@ class EmbeddedLlamaBackend(Backend):
             max_concurrency=n_parallel,
             yes_no_samples=yes_no_samples,
         )
+        self.stats = self.client.stats
 
     @property
     def address(self) -> str:

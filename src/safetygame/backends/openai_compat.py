@@ -518,7 +518,7 @@ class OpenAICompatBackend(Backend):
         self.max_concurrency = max_concurrency
         self.yes_no_samples = yes_no_samples
         self.retry = retry or RetryPolicy(max_retries=max_retries)
-        self.stats = BackendStats()
+        self.stats: BackendStats = BackendStats()
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._transport = transport
@@ -621,6 +621,7 @@ class OpenAICompatBackend(Backend):
             raise BackendProtocolError("chat completion is not a JSON object")
         usage = _usage(body)
         self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.stats.cached_prompt_tokens += _count(usage, "prompt_tokens_details", "cached_tokens")
         self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
         return body
 
@@ -753,7 +754,9 @@ class OpenAICompatBackend(Backend):
             if not isinstance(lp, int | float) or math.isnan(lp) or lp > 1e-6:
                 raise BackendProtocolError(f"/completion gave an invalid logprob for token {i}")
             total += float(lp)
-        self.stats.prompt_tokens += int(body.get("tokens_evaluated") or 0)
+        self.stats.prompt_tokens += _count(body, "tokens_evaluated")
+        self.stats.cached_prompt_tokens += _count(body, "timings", "cache_n")
+        self.stats.completion_tokens += len(ids)  # the forced tokens are decoded one by one
         return LogLik(logprob=total, n_tokens=len(ids))
 
     async def aclose(self) -> None:
@@ -774,6 +777,14 @@ def _env_proxy() -> bool:
 def _usage(body: Mapping[str, Any]) -> dict[str, Any]:
     usage = body.get("usage")
     return usage if isinstance(usage, dict) else {}
+
+
+def _count(obj: Any, *path: str) -> int:
+    """A usage count at ``path`` in a server's JSON; absent or malformed counts as 0 (usage
+    is informational, never a reason to fail a reply)."""
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, int) and not isinstance(obj, bool) and obj > 0 else 0
 
 
 def _logaddexp(a: float, b: float) -> float:

@@ -297,3 +297,9 @@ def scoring(
             f"ratio       {out['ratio']:.2f}"
             + (f"  ({threads} threads, {out['slots']} slots)" if not upstream else "")
         )
+        if out["ratio_ceiling"] is not None:
+            click.echo(
+                f"tokens/s    sequential {out['sequential_tok_s']:.1f}, batched "
+                f"{out['batched_tok_s']:.1f}, peak {out['peak_tok_s']:.1f} (one long prompt)\n"
+                f"ceiling     {out['ratio_ceiling']:.2f} (every batched token at the peak rate)"
+            )

@@ -46,6 +46,7 @@ __all__ = [
     "load_safetybench",
     "load_truthfulqa",
     "load_xstest",
+    "sample_order",
     "shuffle_options",
     "split",
     "subsample",
@@ -667,9 +668,21 @@ def subsample(items: Sequence[T], n: int, seed: int = 0) -> list[T]:
     _check_ids(items)
     if n >= len(items):
         return list(items)
-    keys = np.array([_unit_hash("subsample", seed, it.id) for it in items])
-    keep = set(np.argsort(keys, kind="stable")[:n].tolist())
+    keep = set(sample_order(items, seed)[:n])
     return [it for i, it in enumerate(items) if i in keep]
+
+
+def sample_order(items: Sequence[Item], seed: int = 0) -> list[int]:
+    """Indices of ``items`` in the order :func:`subsample` draws them.
+
+    The first ``k`` indices are ``subsample(items, k, seed)``, and the order of a sample
+    agrees with the order of the pool it was drawn from, so a long run that works in this
+    order completes every smaller nested sample on its way (and an interrupted run leaves a
+    reportable one).
+    """
+    _check_ids(items)
+    keys = np.array([_unit_hash("subsample", seed, it.id) for it in items])
+    return [int(i) for i in np.argsort(keys, kind="stable")]
 
 
 @dataclass(frozen=True)

@@ -431,7 +431,9 @@ async def run_mc(
     """
     items = load_items(cfg.benchmark, cfg.seed, cfg.limit)
     sp = dev_test_split(items, cfg.dev_fraction, cfg.seed)
-    scores = await ScoringPass(backend, policy, cache).run(items, progress=progress)
+    # Nested-sample order: an interrupted --limit 500 run has finished a smaller sample.
+    order = datasets.sample_order(items, cfg.seed)
+    scores = await ScoringPass(backend, policy, cache).run(items, progress=progress, order=order)
     table, failed = score_table(items, scores)
     kept = set(table.ids)
     dev_ids = [it.id for it in sp.dev if it.id in kept]

@@ -50,6 +50,7 @@ from safetygame.eval.methods import (
     expected_extra_risk,
     run_method,
 )
+from safetygame.eval.scoring import gather_in_order
 from safetygame.eval.stats import bootstrap_ci, paired_bootstrap
 from safetygame.policy import Policy
 from safetygame.probes import LLMJudge, Scorer
@@ -344,7 +345,9 @@ async def run_open(
         return dec
 
     try:
-        decisions = list(await asyncio.gather(*(decide(it) for it in items)))
+        # Nested-sample order, as in the multiple-choice scoring pass.
+        order = datasets.sample_order(items, cfg.seed)
+        decisions = await gather_in_order([decide(it) for it in items], order)
     finally:
         bar.close()
     judge = LLMJudge(backend, policy.probes.judge_system, cache)

@@ -22,9 +22,9 @@ would evaluate it again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -34,7 +34,9 @@ from safetygame.eval.datasets import MCItem
 from safetygame.policy import Policy
 from safetygame.probes import GeneratorLikelihood, LLMJudge, Score, Scorer
 
-__all__ = ["CachingBackend", "ItemScores", "ScoringPass", "item_chat"]
+__all__ = ["CachingBackend", "ItemScores", "ScoringPass", "gather_in_order", "item_chat"]
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,18 @@ class ScoringPass:
         probes = await self._probes(chat, texts)
         return _assemble(item.id, lls, probes)
 
-    async def run(self, items: Sequence[MCItem], progress: bool = True) -> list[ItemScores]:
-        """Score all items concurrently (bounded), results in input order."""
+    async def run(
+        self,
+        items: Sequence[MCItem],
+        progress: bool = True,
+        order: Sequence[int] | None = None,
+    ) -> list[ItemScores]:
+        """Score all items concurrently (bounded), results in input order.
+
+        ``order`` (indices into ``items``) is the order in which items start, e.g.
+        :func:`~safetygame.eval.datasets.sample_order`, so that an interrupted run has
+        completed a smaller nested sample.
+        """
         sem = asyncio.Semaphore(max(1, self.concurrency // 2))  # two streams per item
         bar = tqdm(total=len(items), desc="scoring", unit="item", disable=not progress)
 
@@ -148,7 +160,7 @@ class ScoringPass:
             return out
 
         try:
-            return list(await asyncio.gather(*(one(it) for it in items)))
+            return await gather_in_order([one(it) for it in items], order)
         finally:
             bar.close()
 
@@ -159,6 +171,19 @@ class ScoringPass:
         for item in tqdm(items, desc="scoring (sequential)", unit="item", disable=not progress):
             out.append(await self.score_item_sequential(item))
         return out
+
+
+async def gather_in_order(
+    coros: Sequence[Coroutine[Any, Any, R]], order: Sequence[int] | None = None
+) -> list[R]:
+    """``asyncio.gather`` whose tasks are created (and so queue on a semaphore) in ``order``;
+    results come back in the input order."""
+    if order is None:
+        return list(await asyncio.gather(*coros))
+    if sorted(order) != list(range(len(coros))):
+        raise ValueError("order must be a permutation of the coroutines' indices")
+    tasks = {i: asyncio.ensure_future(coros[i]) for i in order}
+    return list(await asyncio.gather(*(tasks[i] for i in range(len(coros)))))
 
 
 def _assemble(
@@ -207,6 +232,7 @@ class CachingBackend(Backend):
         self.cache = cache
         self.model_id = inner.model_id
         self.max_concurrency = inner.max_concurrency
+        self.stats = inner.stats
         self.model_calls = 0
 
     async def sample(
