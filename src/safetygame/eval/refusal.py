@@ -336,7 +336,9 @@ async def run_open(
     items = [*dev_items, *test_items]
     agent = SafetyGame(backend, policy, cache=cache)
     sem = asyncio.Semaphore(max(1, backend.max_concurrency // 2))
-    bar = tqdm(total=len(items), desc=f"{cfg.benchmark}", unit="prompt", disable=not progress)
+    bar = tqdm(
+        total=len(items), desc=cfg.benchmark, unit="prompt", miniters=1, disable=not progress
+    )
 
     async def decide(it: PromptItem) -> Decision:
         async with sem:

@@ -151,7 +151,8 @@ class ScoringPass:
         completed a smaller nested sample.
         """
         sem = asyncio.Semaphore(max(1, self.concurrency // 2))  # two streams per item
-        bar = tqdm(total=len(items), desc="scoring", unit="item", disable=not progress)
+        # miniters=1: after a burst of cached items, tqdm would otherwise redraw only rarely
+        bar = tqdm(total=len(items), desc="scoring", unit="item", miniters=1, disable=not progress)
 
         async def one(item: MCItem) -> ItemScores:
             async with sem:
