@@ -57,7 +57,7 @@ def scores(
     loglik: Sequence[float] | None = None,
     errors: tuple[str, ...] = (),
 ) -> ItemScores:
-    k = len(item.options) + 1
+    k = len(item.options)
     ll = list(loglik) if loglik is not None else [-1.0 * (j + 1) for j in range(k)]
     return ItemScores(item.id, tuple(ll), tuple([2] * k), tuple(helpful), tuple(harm), errors)
 
@@ -65,7 +65,7 @@ def scores(
 def test_score_table_from_item_scores() -> None:
     items = [mc_item(0), mc_item(1, n_options=3, correct=2)]
     s = [
-        scores(items[0], [0.9, 0.2, 0.1], [0.3, 0.1, 0.05], loglik=[-2.0, -4.0, -6.0]),
+        scores(items[0], [0.9, 0.2, 0.1], [0.3, 0.1, 0.05], loglik=[-2.0, -4.0]),
         scores(items[1], [0.1, 0.2, 0.8, 0.3], [0.2, 0.2, 0.4, 0.1]),
     ]
     table, failed = score_table(items, s)
@@ -167,7 +167,7 @@ def test_evaluate_mc_numbers_are_consistent() -> None:
             it,
             rng.uniform(0, 1, 4).tolist(),
             rng.uniform(0, 1, 4).tolist(),
-            rng.normal(-5, 1, 4).tolist(),
+            rng.normal(-5, 1, 3).tolist(),
         )
         for it in items
     ]
@@ -462,8 +462,8 @@ def test_bench_scoring_end_to_end(eval_env: dict[str, Path], llama_server_url: s
     )  # fmt: skip
     assert out["slots"] == 3 and out["concurrency"] == 3  # --parallel reaches the client
     assert out["errors"] == 0
-    # one HHH item per mode: its options and the refusal, three readings each
-    assert out["sequential_readings"] >= 9 and out["batched_readings"] >= 9
+    # one HHH item per mode: per option a log-likelihood and two probes, two for the refusal
+    assert out["sequential_readings"] >= 8 and out["batched_readings"] >= 8
     assert out["sequential_per_s"] > 0 and out["batched_per_s"] > 0
     assert out["ratio"] == pytest.approx(out["batched_per_s"] / out["sequential_per_s"])
     # llama.cpp reports the tokens it computed, so the bench can bound the ratio

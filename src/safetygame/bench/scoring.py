@@ -63,7 +63,7 @@ async def run_scoring_bench(
     seq_items, batch_items = sample[0::2], sample[1::2]
 
     seq = ScoringPass(backend, policy, ScoreCache(None), concurrency=1)
-    n_seq = sum(len(seq.texts(it)) for it in seq_items) * seq.readings_per_text
+    n_seq = sum(seq.n_readings(it) for it in seq_items)
     tok = _computed(backend)
     t = time.perf_counter()
     seq_scores = await seq.run_sequential(seq_items, progress=progress)
@@ -71,7 +71,7 @@ async def run_scoring_bench(
     seq_tokens = _delta(backend, tok)
 
     batched = ScoringPass(backend, policy, ScoreCache(None), concurrency=concurrency)
-    n_batch = sum(len(batched.texts(it)) for it in batch_items) * batched.readings_per_text
+    n_batch = sum(batched.n_readings(it) for it in batch_items)
     tok = _computed(backend)
     t = time.perf_counter()
     batch_scores = await batched.run(batch_items, progress=progress)

@@ -151,7 +151,7 @@ def score_table(
 ) -> tuple[ScoreTable, tuple[str, ...]]:
     """The table of the items scored without error, and the ids of those left out.
 
-    ``loglik`` is length-normalised (sum / tokens); the last reading of each
+    ``loglik`` is length-normalised (sum / tokens); the last probe reading of each
     :class:`ItemScores` is the refusal's and becomes ``refusal_helpful`` / ``refusal_harm``.
     """
     by_id = {s.item_id: s for s in scores}
@@ -161,9 +161,11 @@ def score_table(
         s = by_id.get(it.id)
         if s is None:
             raise ConfigError(f"no scores for item {it.id}")
-        if s.n_options != len(it.options):
+        m = len(it.options)
+        if s.n_options != m or not len(s.helpfulness) == len(s.harm) == m + 1:
             raise ConfigError(
-                f"item {it.id}: {len(it.options)} options but {s.n_options} scored (+ refusal)"
+                f"item {it.id}: {m} options but {s.n_options} log-likelihoods and "
+                f"{len(s.helpfulness)}/{len(s.harm)} probe readings (options + refusal)"
             )
         usable = (
             s.ok
@@ -178,9 +180,7 @@ def score_table(
         first = next((e for sc in scores for e in sc.errors), "non-finite readings")
         raise ConfigError(f"no item was scored without errors (first error: {first})")
     table = ScoreTable.from_ragged(
-        loglik=[
-            [lp / n for lp, n in zip(s.loglik[:-1], s.n_tokens[:-1], strict=True)] for _, s in rows
-        ],
+        loglik=[[lp / n for lp, n in zip(s.loglik, s.n_tokens, strict=True)] for _, s in rows],
         helpful=[s.helpfulness[:-1] for _, s in rows],
         harm=[s.harm[:-1] for _, s in rows],
         correct=[it.labels for it, _ in rows],

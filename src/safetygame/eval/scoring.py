@@ -41,13 +41,15 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class ItemScores:
-    """Raw readings for one item; the last entry of each tuple is the refusal's."""
+    """Raw readings for one item: per option its log-likelihood; per option and then the
+    refusal (last) the two probes. No method uses the refusal's log-likelihood, so it is
+    not computed."""
 
     item_id: str
     loglik: tuple[float, ...]  # summed log-probability of each option
     n_tokens: tuple[int, ...]
-    helpfulness: tuple[float, ...]
-    harm: tuple[float, ...]
+    helpfulness: tuple[float, ...]  # options, then the refusal
+    harm: tuple[float, ...]  # options, then the refusal
     errors: tuple[str, ...] = ()
 
     @property
@@ -57,18 +59,11 @@ class ItemScores:
     @property
     def n_options(self) -> int:
         """Options of the item (the refusal excluded)."""
-        return len(self.loglik) - 1
+        return len(self.loglik)
 
 
 def item_chat(item: MCItem) -> tuple[Message, ...]:
     return (Message("user", item.question),)
-
-
-@dataclass(frozen=True)
-class _Reading:
-    loglik: LogLik | BaseException
-    helpfulness: Score
-    harm: Score
 
 
 class ScoringPass:
@@ -96,12 +91,12 @@ class ScoringPass:
         self.concurrency = max(1, concurrency or backend.max_concurrency)
 
     def texts(self, item: MCItem) -> list[str]:
-        """The replies scored for an item: its options, then the policy's refusal."""
+        """The replies probed for an item: its options, then the policy's refusal."""
         return [*item.options, self.policy.refusal]
 
-    @property
-    def readings_per_text(self) -> int:
-        return 3
+    def n_readings(self, item: MCItem) -> int:
+        """Model readings of an item: a log-likelihood per option, two probes per text."""
+        return len(item.options) + 2 * len(self.texts(item))
 
     async def _logliks(self, chat: Sequence[Message], texts: Sequence[str]) -> list[Any]:
         out: list[LogLik | BaseException] = []
@@ -126,7 +121,9 @@ class ScoringPass:
         """Two streams per item, each one request at a time (see the module docstring)."""
         chat = item_chat(item)
         texts = self.texts(item)
-        lls, probes = await asyncio.gather(self._logliks(chat, texts), self._probes(chat, texts))
+        lls, probes = await asyncio.gather(
+            self._logliks(chat, item.options), self._probes(chat, texts)
+        )
         return _assemble(item.id, lls, probes)
 
     async def score_item_sequential(self, item: MCItem) -> ItemScores:
@@ -134,7 +131,7 @@ class ScoringPass:
         baseline)."""
         chat = item_chat(item)
         texts = self.texts(item)
-        lls = await self._logliks(chat, texts)
+        lls = await self._logliks(chat, item.options)
         probes = await self._probes(chat, texts)
         return _assemble(item.id, lls, probes)
 
@@ -192,27 +189,24 @@ def _assemble(
     lls: Sequence[LogLik | BaseException],
     probes: Sequence[tuple[Score, Score]],
 ) -> ItemScores:
-    readings = [_Reading(ll, h, d) for ll, (h, d) in zip(lls, probes, strict=True)]
-    errors: list[str] = []
-    for i, r in enumerate(readings):
-        if isinstance(r.loglik, BaseException):
-            errors.append(f"loglik[{i}]: {type(r.loglik).__name__}: {r.loglik}")
+    """``lls`` per option; ``probes`` per option, then the refusal's."""
+    if len(probes) != len(lls) + 1:
+        raise ValueError(f"{len(lls)} log-likelihoods need {len(lls) + 1} probe pairs")
+    errors = [
+        f"loglik[{i}]: {type(ll).__name__}: {ll}"
+        for i, ll in enumerate(lls)
+        if isinstance(ll, BaseException)
+    ]
+    for i, (h, d) in enumerate(probes):
         errors += [
-            f"{name}[{i}]: {s.error}"
-            for name, s in (("helpfulness", r.helpfulness), ("harm", r.harm))
-            if not s.ok
+            f"{name}[{i}]: {s.error}" for name, s in (("helpfulness", h), ("harm", d)) if not s.ok
         ]
     return ItemScores(
         item_id=item_id,
-        loglik=tuple(
-            float("nan") if isinstance(r.loglik, BaseException) else r.loglik.logprob
-            for r in readings
-        ),
-        n_tokens=tuple(
-            0 if isinstance(r.loglik, BaseException) else r.loglik.n_tokens for r in readings
-        ),
-        helpfulness=tuple(_value(r.helpfulness) for r in readings),
-        harm=tuple(_value(r.harm) for r in readings),
+        loglik=tuple(float("nan") if isinstance(ll, BaseException) else ll.logprob for ll in lls),
+        n_tokens=tuple(0 if isinstance(ll, BaseException) else ll.n_tokens for ll in lls),
+        helpfulness=tuple(_value(h) for h, _ in probes),
+        harm=tuple(_value(d) for _, d in probes),
         errors=tuple(errors),
     )
 
