@@ -396,6 +396,8 @@ def test_eval_mc_end_to_end(
     log = read_eval_log(out_dir)
     assert log.status == "success" and len(log.items) == 2
     assert {r["split"] for r in log.items} == {"dev", "test"}
+    # a failed reading is not cached, so the second run would ask again: say which one
+    assert first["n_failed"] == 0, [r["errors"] for r in log.items]
     # the second run is served from the cache: no model call, same numbers
     second = run_cli(args)
     assert second["stats"]["model_calls"] == 0 and second["stats"]["cache_misses"] == 0
