@@ -619,10 +619,11 @@ class OpenAICompatBackend(Backend):
         body = await self._post("/v1/chat/completions", payload)
         if not isinstance(body, dict):
             raise BackendProtocolError("chat completion is not a JSON object")
-        usage = _usage(body)
-        self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        self.stats.cached_prompt_tokens += _count(usage, "prompt_tokens_details", "cached_tokens")
-        self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+        self.stats.prompt_tokens += _count(body, "usage", "prompt_tokens")
+        self.stats.cached_prompt_tokens += _count(
+            body, "usage", "prompt_tokens_details", "cached_tokens"
+        )
+        self.stats.completion_tokens += _count(body, "usage", "completion_tokens")
         return body
 
     # -- the three abilities ---------------------------------------------------------------
@@ -643,12 +644,11 @@ class OpenAICompatBackend(Backend):
             text = ""  # some servers send null content for an empty reply
         if not isinstance(text, str):
             raise BackendProtocolError("choices[0].message.content is not a string")
-        usage = _usage(body)
         return Completion(
             text=text,
             finish_reason=str(body["choices"][0].get("finish_reason") or "stop"),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=_count(body, "usage", "prompt_tokens"),
+            completion_tokens=_count(body, "usage", "completion_tokens"),
         )
 
     async def sample(
@@ -668,8 +668,7 @@ class OpenAICompatBackend(Backend):
             # some servers refuse the logprobs fields outright; a request that is bad for
             # other reasons (too long) fails again in the fallback and raises there
             return await self._yes_no_sampled(messages, first_calls=1)
-        usage = _usage(body)
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        prompt_tokens = _count(body, "usage", "prompt_tokens")
         top = _top_logprobs(body)
         if top is not None:
             reading = yes_no_from_top_logprobs(top)
@@ -774,17 +773,14 @@ def _env_proxy() -> bool:
     return bool(proxies.get("http") or proxies.get("all"))
 
 
-def _usage(body: Mapping[str, Any]) -> dict[str, Any]:
-    usage = body.get("usage")
-    return usage if isinstance(usage, dict) else {}
-
-
 def _count(obj: Any, *path: str) -> int:
     """A usage count at ``path`` in a server's JSON; absent or malformed counts as 0 (usage
     is informational, never a reason to fail a reply)."""
     for key in path:
         obj = obj.get(key) if isinstance(obj, dict) else None
-    return obj if isinstance(obj, int) and not isinstance(obj, bool) and obj > 0 else 0
+    if isinstance(obj, bool) or not isinstance(obj, int | float) or not math.isfinite(obj):
+        return 0
+    return max(int(obj), 0)
 
 
 def _logaddexp(a: float, b: float) -> float:
