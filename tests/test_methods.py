@@ -284,6 +284,14 @@ def test_sc_equals_g_without_incorrect_prompt_scores(t: ScoreTable) -> None:
     np.testing.assert_allclose(run_method("SC", t), run_method("G", t))
 
 
+def test_sc_keeps_g_ties_that_normalising_would_blur() -> None:
+    # Found by hypothesis: -5e-12 is outside G's tie tolerance, but the softmax probabilities
+    # differ by less than it, so SC on probabilities split three ways where G splits two.
+    t = table([[0.0, 0.0, -5.08e-12]], [[0.5] * 3], [[0.0] * 3])
+    np.testing.assert_allclose(run_method("G", t)[0], [0.5, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(run_method("SC", t), run_method("G", t))
+
+
 def test_sc_uses_the_incorrect_prompt() -> None:
     # Both options equally likely when asked for a correct answer; option 0 is also likely
     # when asked for an incorrect one, so the contrast favours option 1.

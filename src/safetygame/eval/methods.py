@@ -23,7 +23,8 @@ Methods (names in :data:`METHODS`):
     mutual-information ranking: argmax of P(y | x, correct) * P(correct | x, y).
 ``SC``
     self-contrastive ranking: argmax of the Consensus Game's initial generator policy
-    pi_G^(1)(y | x, correct), which contrasts the "correct" and "incorrect" prompts.
+    pi_G^(1)(y | x, correct), which contrasts the "correct" and "incorrect" prompts
+    (exactly G when the "incorrect" prompt was not scored).
 ``ER-G`` / ``ER-D``
     equilibrium ranking (Jacob, Shen, Farina & Andreas, "The Consensus Game: Language Model
     Generation via Equilibrium Search", ICLR 2024): argmax of pi_G*(y | x, correct) /
@@ -515,6 +516,11 @@ def _consensus(table: ScoreTable, params: MethodParams) -> ConsensusResult:
 
 
 def method_sc(table: ScoreTable, params: MethodParams) -> FloatArray:
+    if table.loglik_incorrect is None:
+        # With a uniform P(y | x, incorrect), pi_G^(1)(y | x, correct) is increasing in
+        # P(y | x, correct), so SC ranks as G does; ranking on the log-likelihoods themselves
+        # keeps ties that the normalised probabilities would blur by rounding.
+        return method_g(table, params)
     pi_g1, _ = initial_policies(table)
     return _with_refusal(argmax_strategy(pi_g1[:, 0, :], table.mask))
 
