@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -93,6 +94,15 @@ class BackendContractTests:
         assert right.n_tokens == wrong.n_tokens > 1
         assert right.logprob > wrong.logprob
 
+    async def test_loglik_of_characters_split_over_tokens(self, backend: Backend) -> None:
+        # Both tokenizers split these characters into byte pieces, which llama.cpp can neither
+        # force by grammar nor list in its probabilities (SafetyBench items failed on them).
+        chat = [Message("user", "Repeat exactly: 改变认知评价")]
+        copy = await backend.loglik(chat, "改变认知评价")
+        other = await backend.loglik(chat, "苹果香蕉葡萄")
+        assert copy.n_tokens > 1 and other.n_tokens > 1
+        assert other.logprob < copy.logprob < 0
+
     async def test_loglik_rejects_empty_continuation(self, backend: Backend) -> None:
         with pytest.raises(ConfigError):
             await backend.loglik(PREFILL, "")
@@ -150,6 +160,16 @@ class TestOpenAICompatOnLlamaServer(BackendContractTests):
         b = OpenAICompatBackend(llama_server_url + "/v1", model_id="smollm2-test")
         yield b
         await b.aclose()
+
+    async def test_candidate_read_equals_forced_read(self, backend: Backend) -> None:
+        # The split-token route reads a token's log-probability from the candidates listed
+        # beside a forced ASCII reply: they must be the model's distribution before the grammar.
+        assert isinstance(backend, OpenAICompatBackend)
+        prompt = "<|im_start|>user\nThe capital of France is<|im_end|>\n<|im_start|>assistant\n"
+        (paris,) = (await backend._post("/tokenize", {"content": " Paris"}))["tokens"]
+        forced = await backend._forced_logprob(prompt, [paris], 0)
+        read = await backend._candidate_logprob(prompt, paris, 0)
+        assert read == pytest.approx(forced, abs=1e-3)
 
     async def test_sample_records_usage(self, backend: Backend) -> None:
         assert isinstance(backend, OpenAICompatBackend)
@@ -367,6 +387,47 @@ async def test_loglik_rejects_probabilities_of_other_tokens() -> None:
     completion = double.payloads()[-1]
     assert completion["grammar"] == "root ::= <[5]> <[6]>"
     assert completion["n_predict"] == 2
+
+
+def split_token_server(candidates: Callable[[int], list[dict[str, Any]]]) -> ScriptedServerDouble:
+    """Tokens 5 (whole), 6 (a byte piece), 7 (whole); /completion answers by its grammar."""
+
+    def route(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/apply-template":
+            return httpx.Response(200, json={"prompt": "P"})
+        if req.url.path == "/tokenize":
+            pieces = [{"id": 5, "piece": " a"}, {"id": 6, "piece": [229]}, {"id": 7, "piece": "b"}]
+            return httpx.Response(200, json={"tokens": pieces})
+        body = json.loads(req.content)
+        if body["grammar"] == "root ::= [ -~]":
+            top = candidates(body["n_probs"])
+            entry = {"id": 32, "logprob": -9.0, "top_logprobs": top}
+            return httpx.Response(200, json={"completion_probabilities": [entry]})
+        forced = [int(t) for t in re.findall(r"<\[(\d+)\]>", body["grammar"])]
+        probs = [{"id": t, "logprob": -float(t)} for t in forced]
+        return httpx.Response(200, json={"completion_probabilities": probs})
+
+    return ScriptedServerDouble(route)
+
+
+async def test_loglik_reads_split_tokens_from_the_candidates() -> None:
+    vocab = [{"id": t, "logprob": -0.5 * t} for t in range(2000)]
+    double = split_token_server(lambda n: vocab[1000:] if n == 1000 else vocab)
+    r = await double.backend().loglik(CHAT, " ab")
+    assert (r.logprob, r.n_tokens) == (-5.0 - 3.0 - 7.0, 3)
+    completions = [p for p in double.payloads() if "grammar" in p]
+    assert [(p["prompt"], p["grammar"], p["n_probs"]) for p in completions] == [
+        ("P", "root ::= <[5]>", 1),
+        (["P", 5], "root ::= [ -~]", 1000),  # token 6 is not among the first 1000 listed...
+        (["P", 5], "root ::= [ -~]", 1 << 20),  # ...so the whole vocabulary is asked for
+        (["P", 5, 6], "root ::= <[7]>", 1),
+    ]
+
+
+async def test_loglik_of_a_token_outside_the_vocabulary_is_a_protocol_error() -> None:
+    double = split_token_server(lambda n: [{"id": t, "logprob": -1.0} for t in (1, 2, 3)])
+    with pytest.raises(BackendProtocolError, match=r"token 1 \(id 6\) is not among"):
+        await double.backend().loglik(CHAT, " ab")
 
 
 async def test_unreachable_url_fails_fast_with_backend_error() -> None:

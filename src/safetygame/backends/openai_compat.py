@@ -10,8 +10,12 @@
   short replies at temperature 1 and counting them (``method="sampled"``). That costs k calls
   and its resolution is 1/k (k=8: P(yes) in steps of 0.125), so prefer a server with logprobs.
 - ``loglik``: exact log-likelihood on llama.cpp servers via a token-level grammar that forces
-  the continuation's tokens (``/apply-template``, ``/tokenize``, ``/completion``). Other servers
-  raise BackendUnsupported.
+  the continuation's tokens (``/apply-template``, ``/tokenize``, ``/completion``). A token
+  whose piece is not whole UTF-8 (a character split over tokens, common for Chinese) cannot
+  be forced (llama.cpp: "Unexpected empty grammar stack") and gets no entry in
+  ``completion_probabilities``; its log-probability is read from the top candidates at its
+  position instead (1,000 first, the whole vocabulary if it is not among them: ~12 s and
+  14 MB for Qwen2.5's 151,936 tokens). Other servers raise BackendUnsupported.
 
 Transport errors are retried with exponential backoff and full jitter (429, 5xx, connect
 errors; ``Retry-After`` is honoured), then mapped to the BackendError tree with ``from exc``.
@@ -53,6 +57,9 @@ from safetygame.errors import (
 )
 
 __all__ = ["OpenAICompatBackend", "RetryPolicy", "parse_retry_after"]
+
+# A /completion prompt: text, or text followed by token ids (llama.cpp mixed prompts).
+Prompt = str | list[str | int]
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_MAX_CONCURRENCY = 8  # requests in flight per backend
@@ -715,19 +722,40 @@ class OpenAICompatBackend(Backend):
             templated, tokenized = await asyncio.gather(
                 self._post("/apply-template", {"messages": [m.to_dict() for m in messages]}),
                 # parse_special=False: the continuation is plain text, never control tokens
-                self._post("/tokenize", {"content": continuation, "parse_special": False}),
+                self._post(
+                    "/tokenize",
+                    {"content": continuation, "parse_special": False, "with_pieces": True},
+                ),
             )
         except BackendUnsupported as exc:
             raise BackendUnsupported(
                 f"loglik needs a llama.cpp server (/apply-template, /tokenize): {exc}"
             ) from exc
         prompt = _get(templated, "prompt")
-        ids = _get(tokenized, "tokens")
-        if not isinstance(prompt, str) or not isinstance(ids, list):
+        tokens = _get(tokenized, "tokens")
+        if not isinstance(prompt, str) or not isinstance(tokens, list):
             raise BackendProtocolError("/apply-template or /tokenize returned an unexpected shape")
-        ids = [t["id"] if isinstance(t, dict) else t for t in ids]
-        if not ids or not all(isinstance(t, int) for t in ids):
+        raw = [t.get("id") if isinstance(t, dict) else t for t in tokens]
+        if not raw or not all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
             raise BackendProtocolError("/tokenize returned no token ids")
+        ids = cast(list[int], raw)
+        # A piece given as a list of bytes is not whole UTF-8 (older servers send no pieces).
+        split = [isinstance(t, dict) and isinstance(t.get("piece"), list) for t in tokens]
+        total, i = 0.0, 0
+        while i < len(ids):
+            # the chat, then the continuation's tokens so far (the same prefix: cached)
+            head: Prompt = [prompt, *ids[:i]] if i else prompt
+            if split[i]:
+                total += await self._candidate_logprob(head, ids[i], i)
+                i += 1
+                continue
+            j = next((k for k in range(i, len(ids)) if split[k]), len(ids))
+            total += await self._forced_logprob(head, ids[i:j], i)
+            i = j
+        return LogLik(logprob=total, n_tokens=len(ids))
+
+    async def _forced_logprob(self, prompt: Prompt, ids: list[int], at: int) -> float:
+        """Summed log-probability of whole-UTF-8 tokens, forced by a token grammar."""
         body = await self._post(
             "/completion",
             {
@@ -745,18 +773,46 @@ class OpenAICompatBackend(Backend):
                 f"/completion returned {len(probs) if isinstance(probs, list) else 'no'} "
                 f"token probabilities for {len(ids)} forced tokens"
             )
-        total = 0.0
-        for i, (want, got) in enumerate(zip(ids, probs, strict=True)):
-            if not isinstance(got, dict) or got.get("id") != want:
-                raise BackendProtocolError(f"/completion did not follow the forced token {i}")
-            lp = got.get("logprob")
-            if not isinstance(lp, int | float) or math.isnan(lp) or lp > 1e-6:
-                raise BackendProtocolError(f"/completion gave an invalid logprob for token {i}")
-            total += float(lp)
+        self._count_completion(body, len(ids))
+        return sum(
+            _logprob_of(got, want, f"forced token {at + k}")
+            for k, (want, got) in enumerate(zip(ids, probs, strict=True))
+        )
+
+    async def _candidate_logprob(self, prompt: Prompt, want: int, at: int) -> float:
+        """log P(token | prompt) from the top candidates at the next position.
+
+        For tokens a grammar cannot force. The reply is held to one printable ASCII character
+        so that its entry, whose candidates are the model's distribution before sampling, is
+        reported.
+        """
+        for n_probs in _CANDIDATES:
+            body = await self._post(
+                "/completion",
+                {
+                    "prompt": prompt,
+                    "n_predict": 1,
+                    "n_probs": n_probs,
+                    "temperature": 0,
+                    "grammar": "root ::= [ -~]",
+                    "cache_prompt": True,
+                },
+            )
+            top = _get(body, "completion_probabilities", 0, "top_logprobs")
+            if not isinstance(top, list):
+                raise BackendProtocolError("/completion returned no candidate log-probabilities")
+            self._count_completion(body, 1)
+            hit = next((c for c in top if isinstance(c, dict) and c.get("id") == want), None)
+            if hit is not None:
+                return _logprob_of(hit, want, f"token {at}")
+            if len(top) < n_probs:  # the server listed its whole vocabulary
+                break
+        raise BackendProtocolError(f"token {at} (id {want}) is not among the model's candidates")
+
+    def _count_completion(self, body: Any, n_tokens: int) -> None:
         self.stats.prompt_tokens += _count(body, "tokens_evaluated")
         self.stats.cached_prompt_tokens += _count(body, "timings", "cache_n")
-        self.stats.completion_tokens += len(ids)  # the forced tokens are decoded one by one
-        return LogLik(logprob=total, n_tokens=len(ids))
+        self.stats.completion_tokens += n_tokens  # forced or read: one decode step each
 
     async def aclose(self) -> None:
         self._closed = True
@@ -771,6 +827,21 @@ def _env_proxy() -> bool:
     """True when the environment names an HTTP proxy: httpx's own transport honours it."""
     proxies = urllib.request.getproxies()
     return bool(proxies.get("http") or proxies.get("all"))
+
+
+# Candidates asked for when reading one token's log-probability: a few first, then as many
+# as the server has (llama.cpp caps n_probs at its vocabulary).
+_CANDIDATES = (1000, 1 << 20)
+
+
+def _logprob_of(entry: Any, want: int, what: str) -> float:
+    """The log-probability in a /completion probability entry for token id ``want``."""
+    if not isinstance(entry, dict) or entry.get("id") != want:
+        raise BackendProtocolError(f"/completion did not follow the {what}")
+    lp = entry.get("logprob")
+    if not isinstance(lp, int | float) or math.isnan(lp) or lp > 1e-6:
+        raise BackendProtocolError(f"/completion gave an invalid logprob for the {what}")
+    return float(lp)
 
 
 def _count(obj: Any, *path: str) -> int:
