@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from safetygame.backends.base import Backend, Message, SamplingConfig
 from safetygame.backends.llamacpp import EmbeddedLlamaBackend
+from safetygame.backends.llamacpp import main as llamacpp_main
 from safetygame.backends.openai_compat import OpenAICompatBackend, RetryPolicy, parse_retry_after
 from safetygame.errors import (
     BackendError,
@@ -122,6 +123,17 @@ class TestEmbeddedLlama(BackendContractTests):
 
     def test_model_id_is_stable(self, smollm2_backend: EmbeddedLlamaBackend) -> None:
         assert smollm2_backend.model_id == "smollm2-135m@b179c9523d0e"
+
+    async def test_prompt_cache_in_ram_can_be_turned_off(self) -> None:
+        backend = EmbeddedLlamaBackend("smollm2-135m", n_parallel=1, n_ctx=1024, cache_ram_mib=0)
+        try:
+            assert 0.0 <= (await backend.yes_no(YES_NO_QUESTION)).p_yes <= 1.0
+        finally:
+            await backend.aclose()
+
+    def test_negative_prompt_cache_is_refused(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert llamacpp_main(["--model", "smollm2-135m", "--cache-ram", "-1"]) == 2
+        assert "cache_ram_mib must be >= 0" in capsys.readouterr().err
 
     async def test_aclose_stops_the_server(self) -> None:
         backend = EmbeddedLlamaBackend("smollm2-135m", n_parallel=1, n_ctx=1024)
