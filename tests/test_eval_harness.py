@@ -5,8 +5,10 @@ tiny seeded slice with SmolLM2 (``model``)."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -360,6 +362,43 @@ def _eval_args(
     ]  # fmt: skip
 
 
+def test_eval_with_nothing_scored_fails_and_logs_the_error(
+    eval_env: dict[str, Path], tmp_path: Path
+) -> None:
+    # An upstream that answers every request 404: no reading succeeds, so no item is usable.
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = b'{"error": {"message": "not found"}}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        out_dir = tmp_path / "results"
+        args = _eval_args("hhh", eval_env, url, out_dir, 1)
+        args[args.index("--cache") + 1] = str(tmp_path / "scores.sqlite")
+        from safetygame.cli import main
+
+        res = CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.exit_code == 2, res.output
+    assert "no item was scored" in res.stderr and "404" in res.stderr
+    log = read_eval_log(out_dir)
+    assert log.status == "error" and log.error is not None and "no item was scored" in log.error
+
+
 @pytest.mark.model
 # Seeds whose 2-item samples have few options (2 + 2, 2 + 3, 2 + 2), to keep the test short.
 @pytest.mark.parametrize(
@@ -373,13 +412,7 @@ def test_eval_mc_end_to_end(
     from safetygame.cli import main
 
     res = CliRunner().invoke(main, args, catch_exceptions=False)
-    if benchmark == "safetybench" and res.exit_code != 0:
-        # Known backend limit: SmolLM2's token-forced log-likelihood fails on many Chinese
-        # options ("Unexpected empty grammar stack"); then every item is left out and the
-        # run must fail cleanly, naming the cause and logging status "error".
-        assert res.exit_code == 2 and "loglik" in res.stderr and "grammar" in res.stderr
-        assert read_eval_log(out_dir).status == "error"
-        pytest.xfail("SmolLM2 cannot score these SafetyBench options by log-likelihood")
+    # SafetyBench's Chinese options are mostly byte pieces for SmolLM2's tokenizer: scored too
     assert res.exit_code == 0, res.output
     first = json.loads(res.stdout)
     assert first["benchmark"] == benchmark and first["kind"] == "mc"
