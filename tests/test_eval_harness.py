@@ -390,6 +390,8 @@ def test_eval_with_nothing_scored_fails_and_logs_the_error(
         from safetygame.cli import main
 
         res = CliRunner().invoke(main, args, catch_exceptions=False)
+        # The same run asking for progress: the bar goes to stderr, stdout stays for JSON.
+        shown = CliRunner().invoke(main, [*args, "--progress"], catch_exceptions=False)
     finally:
         server.shutdown()
         server.server_close()
@@ -397,6 +399,9 @@ def test_eval_with_nothing_scored_fails_and_logs_the_error(
     assert "no item was scored" in res.stderr and "404" in res.stderr
     log = read_eval_log(out_dir)
     assert log.status == "error" and log.error is not None and "no item was scored" in log.error
+    # --json with stderr not a terminal: no bar unless asked for.
+    assert "scoring:" not in res.stderr
+    assert shown.exit_code == 2 and "scoring:" in shown.stderr and shown.stdout == ""
 
 
 @pytest.mark.model

@@ -38,6 +38,18 @@ cache_option = click.option(
     default=None,
     help="Score cache file [default: the user cache].",
 )
+progress_option = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress on stderr [default: on; with --json, only when stderr is a terminal].",
+)
+
+
+def show_progress(progress: bool | None, as_json: bool) -> bool:
+    """Resolve --progress: JSON goes to stdout, so progress on stderr never corrupts it."""
+    if progress is not None:
+        return progress
+    return not as_json or sys.stderr.isatty()
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -21,6 +21,8 @@ from safetygame.cli._common import (
     parallel_option,
     policy_option,
     print_json,
+    progress_option,
+    show_progress,
 )
 from safetygame.policy import load_policy
 
@@ -44,6 +46,7 @@ def _run_benchmark(
     cache_path: Path | None,
     refusal_mode: str,
     parallel: int | None,
+    progress: bool | None,
     as_json: bool,
 ) -> None:
     from safetygame.cache import ScoreCache
@@ -79,9 +82,9 @@ def _run_benchmark(
             backend = CachingBackend(inner, cache)
             config["model_id"] = backend.model_id
             write_eval_log(EvalLog(benchmark, kind, "started", config), out_dir)
-            progress = not as_json
+            bar = show_progress(progress, as_json)
             if kind == "mc":
-                res = await run_mc(backend, policy, cfg, cache, progress=progress)
+                res = await run_mc(backend, policy, cfg, cache, progress=bar)
             else:
                 res = await run_open(
                     backend,
@@ -89,7 +92,7 @@ def _run_benchmark(
                     cfg,
                     cache,
                     mode=cast(Mode, refusal_mode),
-                    progress=progress,
+                    progress=bar,
                 )
             return (*res, backend.model_id, backend.model_calls)
 
@@ -197,6 +200,7 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         help="How the refusal detector combines patterns and probe (open-ended).",
     )
     @parallel_option
+    @progress_option
     @json_option
     @clean_errors
     def command(**kwargs: Any) -> None:
@@ -258,6 +262,7 @@ def report(results_dir: Path, as_json: bool) -> None:
     show_default=True,
     help="CPU threads of the embedded model (ignored with --upstream).",
 )
+@progress_option
 @json_option
 @clean_errors
 def scoring(
@@ -270,6 +275,7 @@ def scoring(
     seed: int,
     parallel: int | None,
     threads: int,
+    progress: bool | None,
     as_json: bool,
 ) -> None:
     """Probe scores per second: batched/concurrent scoring pass vs one request at a time."""
@@ -280,7 +286,12 @@ def scoring(
     async def run() -> dict[str, Any]:
         async with open_backend(model, upstream, api_key, parallel, threads) as backend:
             return await run_scoring_bench(
-                backend, policy, n_items, seed, concurrency, progress=not as_json
+                backend,
+                policy,
+                n_items,
+                seed,
+                concurrency,
+                progress=show_progress(progress, as_json),
             )
 
     out = asyncio.run(run())

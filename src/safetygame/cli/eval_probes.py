@@ -19,6 +19,8 @@ from safetygame.cli._common import (
     open_backend,
     policy_option,
     print_json,
+    progress_option,
+    show_progress,
     to_jsonable,
 )
 from safetygame.cli.eval import eval_group
@@ -125,6 +127,7 @@ def render(report: dict[str, Any]) -> str:
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Also save the JSON here."
 )
+@progress_option
 @json_option
 @clean_errors
 def probes_command(
@@ -141,6 +144,7 @@ def probes_command(
     shots: int,
     cache_path: Path | None,
     out: Path | None,
+    progress: bool | None,
     as_json: bool,
 ) -> None:
     """Probe quality per design and source: AUROC (95% CI), pairwise accuracy, ECE."""
@@ -159,8 +163,10 @@ def probes_command(
     cache = ScoreCache(cache_path) if cache_path else ScoreCache()
     embed = make_embed_factory(cache, seed, dev_fraction) if "embed" in design_list else None
 
+    verbose = show_progress(progress, as_json)
+
     def say(msg: str) -> None:
-        if not as_json:
+        if verbose:
             click.echo(msg, err=True)
 
     async def run() -> Any:
