@@ -8,6 +8,8 @@ import asyncio
 import http.server
 import json
 import math
+import os
+import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
 from safetygame.cache import ScoreCache
+from safetygame.cli.eval import interrupted_message
 from safetygame.errors import ConfigError
 from safetygame.eval.datasets import MCItem
 from safetygame.eval.harness import (
@@ -34,7 +37,7 @@ from safetygame.eval.harness import (
 )
 from safetygame.eval.methods import MethodParams, expected_accuracy, run_method
 from safetygame.eval.report import write_report
-from safetygame.eval.scoring import CachingBackend, ItemScores, gather_in_order
+from safetygame.eval.scoring import CachingBackend, ItemScores, RunTally, gather_in_order
 from safetygame.eval.stats import tune_budget
 
 # ------------------------------------------------------------------ hand-built scores
@@ -314,6 +317,52 @@ def test_gather_in_order_starts_in_order_and_returns_in_input_order() -> None:
         asyncio.run(bad())
 
 
+def test_tally_after_cancel_counts_the_finished_prefix_in_start_order() -> None:
+    # Start order 2, 0, 1, 3: items 2, 0 and 3 finish, 1 hangs until the run is cancelled.
+    tally = RunTally()
+    hang = asyncio.Event()
+
+    async def job(i: int) -> int:
+        if i == 1:
+            await hang.wait()
+        return i
+
+    async def go() -> None:
+        run = asyncio.ensure_future(
+            gather_in_order([job(i) for i in range(4)], [2, 0, 1, 3], tally)
+        )
+        while len(tally.finished) < 3:
+            await asyncio.sleep(0)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(go())
+    assert tally.total == 4 and tally.finished == {0, 2, 3}
+    assert tally.prefix == 2  # 2 and 0; item 3 finished, but after the unfinished 1
+
+    async def failing() -> None:
+        async def job2(i: int) -> int:
+            if i == 0:
+                raise RuntimeError("boom")
+            return i
+
+        await gather_in_order([job2(i) for i in range(3)], None, tally)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(failing())
+    assert 0 not in tally.finished and tally.prefix == 0  # a failed task is not finished
+
+
+def test_interrupted_message_names_the_reportable_nested_sample() -> None:
+    tally = RunTally(order=[4, 1, 0, 3, 2], finished={4, 1, 0, 2})
+    msg = interrupted_message("truthfulqa", signal.SIGTERM, tally)
+    assert "stopped by SIGTERM after 4 of 5 items" in msg and "--limit 3 (same seed)" in msg
+    # HarmBench's --limit draws val and test apart: no --limit hint.
+    assert "--limit" not in interrupted_message("harmbench", signal.SIGINT, tally)
+    assert "before any item started" in interrupted_message("hhh", signal.SIGINT, RunTally())
+
+
 # ------------------------------------------------------------------ end to end (SmolLM2)
 
 TEST_POLICY = """\
@@ -402,6 +451,50 @@ def test_eval_with_nothing_scored_fails_and_logs_the_error(
     # --json with stderr not a terminal: no bar unless asked for.
     assert "scoring:" not in res.stderr
     assert shown.exit_code == 2 and "scoring:" in shown.stderr and shown.stdout == ""
+
+
+def test_eval_stopped_by_sigterm_logs_what_finished(
+    eval_env: dict[str, Path], tmp_path: Path
+) -> None:
+    # An upstream that never answers; SIGTERM arrives once the scoring pass has asked it.
+    asked, release = threading.Event(), threading.Event()
+
+    class Hang(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            asked.set()
+            release.wait(30)
+
+        do_GET = do_POST
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hang)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def terminate() -> None:
+        if asked.wait(30):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        out_dir = tmp_path / "results"
+        args = _eval_args("hhh", eval_env, url, out_dir, 1)
+        args[args.index("--cache") + 1] = str(tmp_path / "scores.sqlite")
+        from safetygame.cli import main
+
+        res = CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert res.exit_code == 128 + signal.SIGTERM, res.output
+    assert "stopped by SIGTERM after 0 of 2 items" in res.stderr and res.stdout == ""
+    log = read_eval_log(out_dir)
+    assert log.status == "cancelled" and log.error is not None and "SIGTERM" in log.error
+    assert log.stats["total"] == 2 and log.stats["finished"] == 0
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler went with the loop
 
 
 @pytest.mark.model

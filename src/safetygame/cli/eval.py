@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import click
 
@@ -25,6 +27,9 @@ from safetygame.cli._common import (
     show_progress,
 )
 from safetygame.policy import load_policy
+
+if TYPE_CHECKING:
+    from safetygame.eval.scoring import RunTally
 
 BENCHMARK_NAMES = ("hhh", "truthfulqa", "safetybench", "xstest", "harmbench", "advbench")
 
@@ -58,7 +63,7 @@ def _run_benchmark(
         write_eval_log,
     )
     from safetygame.eval.refusal import Mode, run_open
-    from safetygame.eval.scoring import CachingBackend
+    from safetygame.eval.scoring import CachingBackend, RunTally
 
     policy = load_policy(policy_ref)
     cfg = EvalConfig(benchmark=benchmark, seed=seed, limit=limit)
@@ -77,14 +82,18 @@ def _run_benchmark(
         "refusal_mode": refusal_mode if kind == "open" else None,
     }
 
+    tally = RunTally()
+    stopped_by: list[signal.Signals] = [signal.SIGINT]
+
     async def run() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], str, int]:
+        _stop_on_sigterm(stopped_by)
         async with open_backend(model, upstream, api_key, parallel) as inner:
             backend = CachingBackend(inner, cache)
             config["model_id"] = backend.model_id
             write_eval_log(EvalLog(benchmark, kind, "started", config), out_dir)
             bar = show_progress(progress, as_json)
             if kind == "mc":
-                res = await run_mc(backend, policy, cfg, cache, progress=bar)
+                res = await run_mc(backend, policy, cfg, cache, progress=bar, tally=tally)
             else:
                 res = await run_open(
                     backend,
@@ -93,12 +102,27 @@ def _run_benchmark(
                     cache,
                     mode=cast(Mode, refusal_mode),
                     progress=bar,
+                    tally=tally,
                 )
             return (*res, backend.model_id, backend.model_calls)
 
     t0 = time.perf_counter()
     try:
         summary, curves, records, model_id, calls = asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sig = stopped_by[0]
+        msg = interrupted_message(benchmark, sig, tally)
+        stats = {
+            "seconds": time.perf_counter() - t0,
+            "finished": len(tally.finished),
+            "total": tally.total,
+            "prefix": tally.prefix,
+        }
+        write_eval_log(
+            EvalLog(benchmark, kind, "cancelled", config, stats=stats, error=msg), out_dir
+        )
+        click.echo(msg, err=True)
+        raise SystemExit(128 + sig) from None
     except Exception as exc:
         write_eval_log(
             EvalLog(benchmark, kind, "error", config, error=f"{type(exc).__name__}: {exc}"),
@@ -127,6 +151,40 @@ def _run_benchmark(
         print_json(results)
     else:
         click.echo(render_results(results))
+
+
+def _stop_on_sigterm(stopped_by: list[signal.Signals]) -> None:
+    """Let SIGTERM (``timeout``, a scheduler) stop the run as Ctrl-C does: the main task is
+    cancelled, so the log says what finished instead of being left at ``started``."""
+    task = asyncio.current_task()
+    if task is None:
+        return
+
+    def stop() -> None:
+        stopped_by[0] = signal.SIGTERM
+        task.cancel()
+
+    # Not possible off the main thread or on Windows: SIGTERM then keeps its default.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+
+
+def interrupted_message(benchmark: str, sig: signal.Signals, tally: RunTally) -> str:
+    """What a stopped run finished, and how to resume it or report what it has."""
+    head = f"{benchmark}: stopped by {sig.name}"
+    if not tally.total:
+        return f"{head} before any item started"
+    msg = (
+        f"{head} after {len(tally.finished)} of {tally.total} items, whose readings are "
+        "cached; the same command resumes"
+    )
+    # HarmBench's --limit N draws val and test apart, so its prefix is not a --limit sample.
+    if benchmark != "harmbench" and 2 <= tally.prefix < tally.total:
+        msg += (
+            f". The first {tally.prefix} in the seeded draw order are all done: "
+            f"--limit {tally.prefix} (same seed) reports that nested sample from the cache"
+        )
+    return msg
 
 
 def _ci(lo_hi: list[float] | None) -> str:

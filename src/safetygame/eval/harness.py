@@ -40,7 +40,7 @@ from safetygame.eval.methods import (
     refusal_rate,
     run_method,
 )
-from safetygame.eval.scoring import ItemScores, ScoringPass
+from safetygame.eval.scoring import ItemScores, RunTally, ScoringPass
 from safetygame.eval.stats import bootstrap_ci, paired_bootstrap, tune_budget
 from safetygame.policy import Policy
 
@@ -312,7 +312,7 @@ def budget_curves(
 
 # --------------------------------------------------------------------------- the log
 
-Status = Literal["started", "success", "error"]
+Status = Literal["started", "success", "error", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -424,16 +424,20 @@ async def run_mc(
     cache: ScoreCache | None,
     *,
     progress: bool = True,
+    tally: RunTally | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Score a multiple-choice benchmark (cached), then evaluate every method.
 
-    Returns (summary, curves, per-item records); see :func:`evaluate_mc`.
+    Returns (summary, curves, per-item records); see :func:`evaluate_mc`. ``tally`` follows
+    the scoring pass (what an interrupted run finished).
     """
     items = load_items(cfg.benchmark, cfg.seed, cfg.limit)
     sp = dev_test_split(items, cfg.dev_fraction, cfg.seed)
     # Nested-sample order: an interrupted --limit 500 run has finished a smaller sample.
     order = datasets.sample_order(items, cfg.seed)
-    scores = await ScoringPass(backend, policy, cache).run(items, progress=progress, order=order)
+    scores = await ScoringPass(backend, policy, cache).run(
+        items, progress=progress, order=order, tally=tally
+    )
     table, failed = score_table(items, scores)
     kept = set(table.ids)
     dev_ids = [it.id for it in sp.dev if it.id in kept]

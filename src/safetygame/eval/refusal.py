@@ -50,7 +50,7 @@ from safetygame.eval.methods import (
     expected_extra_risk,
     run_method,
 )
-from safetygame.eval.scoring import gather_in_order
+from safetygame.eval.scoring import RunTally, gather_in_order
 from safetygame.eval.stats import bootstrap_ci, paired_bootstrap
 from safetygame.policy import Policy
 from safetygame.probes import LLMJudge, Scorer
@@ -325,8 +325,10 @@ async def run_open(
     *,
     mode: Mode = "pattern",
     progress: bool = True,
+    tally: RunTally | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """The open-ended study; returns (summary, curves, per-item records).
+    """The open-ended study; returns (summary, curves, per-item records); ``tally`` follows
+    the decisions (what an interrupted run finished).
 
     Dev/test: HarmBench's official val/test; XSTest and AdvBench a hash split of the sample
     (:func:`~safetygame.eval.harness.dev_test_split`). T is tuned on dev for the filter and the
@@ -349,7 +351,7 @@ async def run_open(
     try:
         # Nested-sample order, as in the multiple-choice scoring pass.
         order = datasets.sample_order(items, cfg.seed)
-        decisions = await gather_in_order([decide(it) for it in items], order)
+        decisions = await gather_in_order([decide(it) for it in items], order, tally)
     finally:
         bar.close()
     judge = LLMJudge(backend, policy.probes.judge_system, cache)

@@ -22,8 +22,9 @@ would evaluate it again.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -34,7 +35,14 @@ from safetygame.eval.datasets import MCItem
 from safetygame.policy import Policy
 from safetygame.probes import GeneratorLikelihood, LLMJudge, Score, Scorer
 
-__all__ = ["CachingBackend", "ItemScores", "ScoringPass", "gather_in_order", "item_chat"]
+__all__ = [
+    "CachingBackend",
+    "ItemScores",
+    "RunTally",
+    "ScoringPass",
+    "gather_in_order",
+    "item_chat",
+]
 
 R = TypeVar("R")
 
@@ -140,12 +148,13 @@ class ScoringPass:
         items: Sequence[MCItem],
         progress: bool = True,
         order: Sequence[int] | None = None,
+        tally: RunTally | None = None,
     ) -> list[ItemScores]:
         """Score all items concurrently (bounded), results in input order.
 
         ``order`` (indices into ``items``) is the order in which items start, e.g.
         :func:`~safetygame.eval.datasets.sample_order`, so that an interrupted run has
-        completed a smaller nested sample.
+        completed a smaller nested sample; ``tally`` says which one.
         """
         sem = asyncio.Semaphore(max(1, self.concurrency // 2))  # two streams per item
         # miniters=1: after a burst of cached items, tqdm would otherwise redraw only rarely
@@ -158,7 +167,7 @@ class ScoringPass:
             return out
 
         try:
-            return await gather_in_order([one(it) for it in items], order)
+            return await gather_in_order([one(it) for it in items], order, tally)
         finally:
             bar.close()
 
@@ -171,17 +180,52 @@ class ScoringPass:
         return out
 
 
+@dataclass
+class RunTally:
+    """Which items of a run have finished, kept up to date while it runs.
+
+    Read it after an interruption: :attr:`prefix` is how many items, counted in the order
+    they were started, finished one after another. In the seeded draw order that is the
+    largest nested sample (``--limit prefix``) the cache can now serve whole.
+    """
+
+    order: list[int] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)
+
+    @property
+    def total(self) -> int:
+        return len(self.order)
+
+    @property
+    def prefix(self) -> int:
+        for k, i in enumerate(self.order):
+            if i not in self.finished:
+                return k
+        return len(self.order)
+
+
 async def gather_in_order(
-    coros: Sequence[Coroutine[Any, Any, R]], order: Sequence[int] | None = None
+    coros: Sequence[Coroutine[Any, Any, R]],
+    order: Sequence[int] | None = None,
+    tally: RunTally | None = None,
 ) -> list[R]:
     """``asyncio.gather`` whose tasks are created (and so queue on a semaphore) in ``order``;
-    results come back in the input order."""
-    if order is None:
-        return list(await asyncio.gather(*coros))
+    results come back in the input order. ``tally`` records each task that succeeds."""
+    order = list(range(len(coros))) if order is None else list(order)
     if sorted(order) != list(range(len(coros))):
         raise ValueError("order must be a permutation of the coroutines' indices")
+    if tally is not None:
+        tally.order, tally.finished = order, set()
     tasks = {i: asyncio.ensure_future(coros[i]) for i in order}
+    if tally is not None:
+        for i, task in tasks.items():
+            task.add_done_callback(functools.partial(_tally, tally, i))
     return list(await asyncio.gather(*(tasks[i] for i in range(len(coros)))))
+
+
+def _tally(tally: RunTally, i: int, task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        tally.finished.add(i)
 
 
 def _assemble(
