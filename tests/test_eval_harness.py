@@ -5,13 +5,14 @@ tiny seeded slice with SmolLM2 (``model``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import math
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -411,11 +412,35 @@ def _eval_args(
     ]  # fmt: skip
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stub_upstream(handler: type[QuietHandler]) -> Iterator[str]:
+    """A local HTTP server answering with ``handler``; yields its /v1 base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _offline_eval_args(eval_env: dict[str, Path], url: str, tmp_path: Path) -> list[str]:
+    """`safetygame eval hhh` against ``url`` with a fresh cache and results under tmp_path."""
+    args = _eval_args("hhh", eval_env, url, tmp_path / "results", 1)
+    args[args.index("--cache") + 1] = str(tmp_path / "scores.sqlite")
+    return args
+
+
 def test_eval_with_nothing_scored_fails_and_logs_the_error(
     eval_env: dict[str, Path], tmp_path: Path
 ) -> None:
     # An upstream that answers every request 404: no reading succeeds, so no item is usable.
-    class NotFound(http.server.BaseHTTPRequestHandler):
+    class NotFound(QuietHandler):
         def do_POST(self) -> None:
             body = b'{"error": {"message": "not found"}}'
             self.send_response(404)
@@ -426,27 +451,16 @@ def test_eval_with_nothing_scored_fails_and_logs_the_error(
 
         do_GET = do_POST
 
-        def log_message(self, *args: Any) -> None:
-            pass
+    from safetygame.cli import main
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        out_dir = tmp_path / "results"
-        args = _eval_args("hhh", eval_env, url, out_dir, 1)
-        args[args.index("--cache") + 1] = str(tmp_path / "scores.sqlite")
-        from safetygame.cli import main
-
+    with stub_upstream(NotFound) as url:
+        args = _offline_eval_args(eval_env, url, tmp_path)
         res = CliRunner().invoke(main, args, catch_exceptions=False)
         # The same run asking for progress: the bar goes to stderr, stdout stays for JSON.
         shown = CliRunner().invoke(main, [*args, "--progress"], catch_exceptions=False)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert res.exit_code == 2, res.output
     assert "no item was scored" in res.stderr and "404" in res.stderr
-    log = read_eval_log(out_dir)
+    log = read_eval_log(tmp_path / "results")
     assert log.status == "error" and log.error is not None and "no item was scored" in log.error
     # --json with stderr not a terminal: no bar unless asked for.
     assert "scoring:" not in res.stderr
@@ -459,39 +473,29 @@ def test_eval_stopped_by_sigterm_logs_what_finished(
     # An upstream that never answers; SIGTERM arrives once the scoring pass has asked it.
     asked, release = threading.Event(), threading.Event()
 
-    class Hang(http.server.BaseHTTPRequestHandler):
+    class Hang(QuietHandler):
         def do_POST(self) -> None:
             asked.set()
             release.wait(30)
 
         do_GET = do_POST
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hang)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
     def terminate() -> None:
         if asked.wait(30):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=terminate, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        out_dir = tmp_path / "results"
-        args = _eval_args("hhh", eval_env, url, out_dir, 1)
-        args[args.index("--cache") + 1] = str(tmp_path / "scores.sqlite")
-        from safetygame.cli import main
+    from safetygame.cli import main
 
-        res = CliRunner().invoke(main, args, catch_exceptions=False)
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    threading.Thread(target=terminate, daemon=True).start()
+    with stub_upstream(Hang) as url:
+        try:
+            args = _offline_eval_args(eval_env, url, tmp_path)
+            res = CliRunner().invoke(main, args, catch_exceptions=False)
+        finally:
+            release.set()
     assert res.exit_code == 128 + signal.SIGTERM, res.output
     assert "stopped by SIGTERM after 0 of 2 items" in res.stderr and res.stdout == ""
-    log = read_eval_log(out_dir)
+    log = read_eval_log(tmp_path / "results")
     assert log.status == "cancelled" and log.error is not None and "SIGTERM" in log.error
     assert log.stats["total"] == 2 and log.stats["finished"] == 0
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler went with the loop

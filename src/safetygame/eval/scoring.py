@@ -214,10 +214,9 @@ async def gather_in_order(
     order = list(range(len(coros))) if order is None else list(order)
     if sorted(order) != list(range(len(coros))):
         raise ValueError("order must be a permutation of the coroutines' indices")
-    if tally is not None:
-        tally.order, tally.finished = order, set()
     tasks = {i: asyncio.ensure_future(coros[i]) for i in order}
     if tally is not None:
+        tally.order, tally.finished = order, set()
         for i, task in tasks.items():
             task.add_done_callback(functools.partial(_tally, tally, i))
     return list(await asyncio.gather(*(tasks[i] for i in range(len(coros)))))
