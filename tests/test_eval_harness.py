@@ -37,7 +37,7 @@ from safetygame.eval.harness import (
     write_eval_log,
 )
 from safetygame.eval.methods import MethodParams, expected_accuracy, run_method
-from safetygame.eval.report import write_report
+from safetygame.eval.report import reported_points, write_report
 from safetygame.eval.scoring import CachingBackend, ItemScores, RunTally, gather_in_order
 from safetygame.eval.stats import tune_budget
 
@@ -232,6 +232,12 @@ def test_eval_log_round_trip_and_report(tmp_path: Path) -> None:
     write_eval_log(EvalLog("truthfulqa", "mc", "started", {}), tmp_path / "truthfulqa")
     out = write_report(tmp_path)
     assert out["benchmarks"] == ["hhh"]
+    # the plot's stars are the reported (dev-tuned) values, off the hard-cap curve if beta is soft
+    points = {name: (t, v) for name, t, v in reported_points(back)}
+    assert set(points) == set(summary["tuned"])
+    for name, (t, v) in points.items():
+        assert t == summary["tuned"][name]["budget"]
+        assert v == summary["methods"][name]["acc"]
     text = Path(out["markdown"]).read_text()
     assert "| safety-game |" in text and "hhh (n=" in text
     for f in out["files"][1:]:
