@@ -11,6 +11,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -492,6 +494,7 @@ def test_eval_stopped_by_sigterm_logs_what_finished(
 
     from safetygame.cli import main
 
+    alarm_handler = signal.getsignal(signal.SIGALRM)
     threading.Thread(target=terminate, daemon=True).start()
     with stub_upstream(Hang) as url:
         try:
@@ -505,6 +508,21 @@ def test_eval_stopped_by_sigterm_logs_what_finished(
     assert log.status == "cancelled" and log.error is not None and "SIGTERM" in log.error
     assert log.stats["total"] == 2 and log.stats["finished"] == 0
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler went with the loop
+    # the guard against a hanging close was armed, then undone once the backend had closed
+    assert signal.getsignal(signal.SIGALRM) == alarm_handler
+
+
+@pytest.mark.skipif(not hasattr(signal, "alarm"), reason="POSIX alarm")
+def test_exit_alarm_ends_a_process_stuck_after_a_stop() -> None:
+    # A close that never returns must not keep a stopped run alive: the kernel ends it.
+    code = (
+        "import time\n"
+        "from safetygame.cli.eval import _arm_exit_alarm\n"
+        "_arm_exit_alarm(1)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], timeout=20, capture_output=True)
+    assert proc.returncode == -signal.SIGALRM, proc.stderr
 
 
 @pytest.mark.model

@@ -92,26 +92,35 @@ def _run_benchmark(
             config["model_id"] = backend.model_id
             write_eval_log(EvalLog(benchmark, kind, "started", config), out_dir)
             bar = show_progress(progress, as_json)
-            if kind == "mc":
-                res = await run_mc(backend, policy, cfg, cache, progress=bar, tally=tally)
-            else:
-                res = await run_open(
-                    backend,
-                    policy,
-                    cfg,
-                    cache,
-                    mode=cast(Mode, refusal_mode),
-                    progress=bar,
-                    tally=tally,
-                )
+            try:
+                if kind == "mc":
+                    res = await run_mc(backend, policy, cfg, cache, progress=bar, tally=tally)
+                else:
+                    res = await run_open(
+                        backend,
+                        policy,
+                        cfg,
+                        cache,
+                        mode=cast(Mode, refusal_mode),
+                        progress=bar,
+                        tally=tally,
+                    )
+            except asyncio.CancelledError:
+                # Say what finished before the backend closes: closing an embedded llama.cpp
+                # server with abandoned requests has hung (its destructor holds the GIL).
+                record_stop()
+                alarm.append(_arm_exit_alarm(CLOSE_GRACE_S))
+                raise
             return (*res, backend.model_id, backend.model_calls)
 
     t0 = time.perf_counter()
-    try:
-        summary, curves, records, model_id, calls = asyncio.run(run())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sig = stopped_by[0]
-        msg = interrupted_message(benchmark, sig, tally)
+    recorded: list[str] = []
+    alarm: list[_SavedAlarm | None] = []
+
+    def record_stop() -> None:
+        if recorded:
+            return
+        msg = interrupted_message(benchmark, stopped_by[0], tally)
         stats = {
             "seconds": time.perf_counter() - t0,
             "finished": len(tally.finished),
@@ -122,7 +131,15 @@ def _run_benchmark(
             EvalLog(benchmark, kind, "cancelled", config, stats=stats, error=msg), out_dir
         )
         click.echo(msg, err=True)
-        raise SystemExit(128 + sig) from None
+        recorded.append(msg)
+
+    try:
+        summary, curves, records, model_id, calls = asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        for saved in alarm:  # closed in time
+            _disarm_exit_alarm(saved)
+        record_stop()
+        raise SystemExit(128 + stopped_by[0]) from None
     except Exception as exc:
         write_eval_log(
             EvalLog(benchmark, kind, "error", config, error=f"{type(exc).__name__}: {exc}"),
@@ -151,6 +168,36 @@ def _run_benchmark(
         print_json(results)
     else:
         click.echo(render_results(results))
+
+
+CLOSE_GRACE_S = 60
+_SavedAlarm = tuple[Any, int]  # the SIGALRM handler and alarm seconds left before arming
+
+
+def _arm_exit_alarm(seconds: int) -> _SavedAlarm | None:
+    """End the process by SIGALRM's default action if it is still alive in ``seconds``.
+
+    A stopped run has written its log by then; a Python-level timeout cannot help when the
+    hang is inside native code that holds the GIL, but the kernel's alarm can.
+    """
+    if not hasattr(signal, "alarm"):
+        return None
+    try:
+        handler = signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    except ValueError:  # not on the main thread
+        return None
+    return handler, signal.alarm(seconds)
+
+
+def _disarm_exit_alarm(saved: _SavedAlarm | None) -> None:
+    """Undo :func:`_arm_exit_alarm`, restoring whatever alarm was set before (a test runner's)."""
+    if saved is None:
+        return
+    handler, left = saved
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, handler)
+    if left:
+        signal.alarm(left)
 
 
 def _stop_on_sigterm(stopped_by: list[signal.Signals]) -> None:
