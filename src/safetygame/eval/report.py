@@ -142,13 +142,18 @@ def _grid(n: int) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
+def _headline(log: EvalLog) -> str:
+    """The results key the plot shows: accuracy for multiple choice, the behaviour score else."""
+    return "acc" if log.kind == "mc" else "score"
+
+
 def reported_points(log: EvalLog) -> list[tuple[str, float, float]]:
     """(method, dev-tuned T, reported test value) of each budgeted method in ``log``.
 
     The curves use the hard cap, but the reported point may be soft (a tuned beta) and so sit
     off its curve; the plot draws it rather than leave the reader to guess.
     """
-    key = "acc" if log.kind == "mc" else "score"
+    key = _headline(log)
     return [
         (name, float(tuned["budget"]), float(log.results["methods"][name][key]))
         for name, tuned in log.results["tuned"].items()
@@ -166,7 +171,7 @@ def plot_accuracy_vs_budget(logs: list[EvalLog], path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, g in zip(axes.flat, logs, strict=False):
         T = g.curves["budgets"]
-        key = "acc" if g.kind == "mc" else "score"
+        key = _headline(g)
         for name, (color, marker) in _STYLE.items():
             if name not in g.curves:
                 continue
