@@ -111,7 +111,9 @@ class LlamaServer:
     def close(self, timeout: float = 60.0) -> None:
         """Stop the server. xllamacpp stops it when the object is freed, which waits for its
         HTTP threads; a stuck client connection must not hang the caller, so the release
-        runs in a daemon thread that is given ``timeout`` seconds."""
+        runs in a daemon thread that is given ``timeout`` seconds. That guard fails if the
+        destructor holds the GIL while it waits, which has been seen after a run was stopped
+        with requests in flight; the eval CLI then relies on an exit alarm instead."""
         server, self._server = self._server, None
         if server is None:
             return
