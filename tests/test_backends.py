@@ -328,6 +328,7 @@ async def test_stats_count_cached_and_computed_tokens() -> None:
     async with double.backend() as b:
         for _ in range(3):
             await b.sample(CHAT, 1, SamplingConfig())
+    assert b.stats is not None
     assert (b.stats.prompt_tokens, b.stats.cached_prompt_tokens) == (47, 30)
     assert b.stats.computed_tokens == 47 - 30 + 3  # a bad count is informational: 0, no error
 

@@ -127,7 +127,7 @@ def test_zero_budget_all_riskier_gives_refusal(data: st.DataObject, m: int) -> N
         gap = min((d[i] - ds for i in range(m) if i != s), default=1.0)
         if method == "highs" and gap < 1e-3:
             continue  # below HiGHS's tolerances: only the exact solver can tell
-        res = solve(margins(h, d, s), 0.0, method=method)  # type: ignore[arg-type]
+        res = solve(margins(h, d, s), 0.0, method=method)
         assert res.refuses, (method, res)
         assert res.value == 0.0
 
@@ -358,7 +358,7 @@ def test_multi_budget_with_one_row_equals_single(game: tuple[Margins, float]) ->
     flat = Margins(mg.M, mg.Delta2d[0], mg.refusal)
     single = solve(flat, T)
     for method in ("auto", "highs"):
-        multi = solve(mg, [T], method=method)  # type: ignore[arg-type]
+        multi = solve(mg, [T], method=method)
         assert multi.expected_risk.shape == (1,) and multi.multiplier.shape == (1,)
         assert abs(multi.value - single.value) <= TOL
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
 from safetygame.agent import CandidateRecord, Decision, Status
-from safetygame.backends.base import Message
+from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
+from safetygame.cache import ScoreCache
 from safetygame.errors import ConfigError
+from safetygame.eval.harness import EvalConfig
 from safetygame.eval.refusal import (
     FILTER,
     GAME,
     KNOWN_REPLIES,
     PLAIN,
+    REFUSAL_QUESTION,
     RefusalDetector,
     RefusalReading,
     agreement,
@@ -20,7 +26,9 @@ from safetygame.eval.refusal import (
     decision_table,
     matches_refusal_pattern,
     open_strategies,
+    run_open,
 )
+from safetygame.eval.scoring import RunTally
 from safetygame.policy import load_policy
 
 
@@ -144,3 +152,45 @@ def test_behaviour_score() -> None:
     refused = np.array([1.0, 0.25, 0.0, 1.0])
     got = behaviour_score(refused, ["harmful", "unsafe", "safe", "safe"])
     np.testing.assert_allclose(got, [1.0, 0.25, 1.0, 0.0])
+
+
+class _OrderDouble(Backend):
+    """Logs each request: "sample", or the probe's question; one prompt at a time."""
+
+    model_id = "order-double"
+    max_concurrency = 2  # run_open lets max_concurrency // 2 = 1 prompt run at once
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        self.log.append("sample")
+        return [Completion(f"Answer {i}.", completion_tokens=3) for i in range(n)]
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        question = messages[-1].content.rsplit("Question about the candidate reply: ", 1)[1]
+        self.log.append(question.split("\n", 1)[0])
+        return YesNo(0.3, "logprobs", 1.0)
+
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        raise NotImplementedError
+
+
+def test_each_prompt_is_read_for_refusal_right_after_its_decision() -> None:
+    """The refusal probe follows its prompt's other probes (their prefix is still in the
+    model's prompt cache), and a prompt counts as finished only with its readings."""
+    pol = load_policy()
+    pol = pol.model_copy(update={"sampling": pol.sampling.model_copy(update={"n": 2})})
+    backend, tally = _OrderDouble(), RunTally()
+    cfg = EvalConfig("xstest", limit=4, budgets=(0.0, 0.1), n_resamples=50)
+    asyncio.run(run_open(backend, pol, cfg, ScoreCache(None), progress=False, tally=tally))
+    per_prompt = 1 + 2 * 3 + 3  # sampling, 2 probes on 3 texts (refusal too), 3 readings
+    decisions = backend.log[: 4 * per_prompt]
+    for k in range(4):
+        chunk = decisions[k * per_prompt : (k + 1) * per_prompt]
+        assert chunk[0] == "sample" and chunk.count("sample") == 1
+        assert chunk[-3:] == [REFUSAL_QUESTION] * 3
+    assert REFUSAL_QUESTION not in decisions[: per_prompt - 3]
+    assert tally.prefix == tally.total == 4

@@ -3,17 +3,29 @@
 Keys are sha256 over (kind, model id, exact request content), so re-tuning a budget or
 re-running a benchmark never re-queries a model, and a changed prompt, wording or model
 never hits a stale entry. SQLite in WAL mode: safe for several processes at once.
+
+A cache moves between machines as JSON Lines (:meth:`ScoreCache.export_jsonl`,
+:meth:`ScoreCache.import_jsonl`; gzip when the file name ends in ``.gz``): one
+``{"key", "kind", "value"}`` object per line. Keys are hashes, so an export holds model
+readings and texts but none of the prompts they answered.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
+
+from safetygame.errors import ConfigError
+
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_dir() -> Path:
@@ -71,6 +83,56 @@ class ScoreCache:
             )
             self._db.commit()
 
+    def kinds(self) -> dict[str, int]:
+        """Entries per kind."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, COUNT(*) FROM entries GROUP BY kind").fetchall()
+        return {str(k): int(n) for k, n in rows}
+
+    def export_jsonl(self, path: str | Path, kinds: Iterable[str] | None = None) -> int:
+        """Write every entry (of ``kinds``, if given) to ``path``; returns how many."""
+        wanted = None if kinds is None else set(kinds)
+        with self._lock:
+            rows = self._db.execute("SELECT key, kind, value FROM entries ORDER BY key").fetchall()
+        n = 0
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        with _open(tmp, "w") as f:
+            for key, kind, value in rows:
+                if wanted is None or kind in wanted:
+                    line = {"key": key, "kind": kind, "value": json.loads(value)}
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    n += 1
+        tmp.replace(p)  # never a half-written export under the real name
+        return n
+
+    def import_jsonl(self, path: str | Path, *, replace: bool = False) -> dict[str, int]:
+        """Add the entries of an export; all or nothing. Entries whose key is already here
+        are kept as they are unless ``replace``: a run that read them goes on seeing them.
+        Returns ``{"read", "added", "kept"}``."""
+        p = Path(path)
+        rows = []
+        try:
+            with _open(p, "r") as f:
+                for i, line in enumerate(f, start=1):
+                    if line.strip():
+                        rows.append(_entry(line, f"{p}:{i}"))
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read cache export {p}: {exc}") from exc
+        verb = "REPLACE" if replace else "IGNORE"
+        with self._lock:
+            before = self._db.total_changes
+            try:
+                self._db.executemany(
+                    f"INSERT OR {verb} INTO entries (key, kind, value) VALUES (?, ?, ?)", rows
+                )
+                self._db.commit()
+            except sqlite3.Error:
+                self._db.rollback()
+                raise
+            added = self._db.total_changes - before
+        return {"read": len(rows), "added": added, "kept": len(rows) - added}
+
     def __len__(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
@@ -78,3 +140,26 @@ class ScoreCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _open(path: Path, mode: Literal["r", "w"]) -> IO[str]:
+    """Text file, gzip-compressed if the name ends in ``.gz`` (a ``.tmp`` suffix aside)."""
+    if not path.name.removesuffix(".tmp").endswith(".gz"):
+        return open(path, mode, encoding="utf-8")
+    return gzip.open(path, "rt" if mode == "r" else "wt", encoding="utf-8")
+
+
+def _entry(line: str, where: str) -> tuple[str, str, str]:
+    """One export line -> a row, or a ConfigError naming the file and line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict) or set(obj) != {"key", "kind", "value"}:
+        raise ConfigError(f'{where}: expected an object with "key", "kind" and "value"')
+    key, kind = obj["key"], obj["kind"]
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ConfigError(f"{where}: key must be 64 lowercase hex digits (a sha256)")
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"{where}: kind must be a non-empty string")
+    return key, kind, json.dumps(obj["value"])

@@ -23,6 +23,7 @@ def _register() -> None:
     from safetygame.cli import (  # noqa: F401
         ask,
         bench_model,
+        cache,
         eval_probes,
         models,
         serve,

@@ -328,7 +328,13 @@ async def run_open(
     tally: RunTally | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """The open-ended study; returns (summary, curves, per-item records); ``tally`` follows
-    the decisions (what an interrupted run finished).
+    the prompts, each finished once its decision and its refusal readings are (what an
+    interrupted run finished).
+
+    Each prompt's candidates are read for refusal right after its decision, in the same task:
+    the refusal probe's prompt shares all but its question with the helpfulness and harm
+    probes just run, so llama.cpp's prompt cache still holds that prefix (read in a later
+    pass, it was evicted and each reading cost a full prompt).
 
     Dev/test: HarmBench's official val/test; XSTest and AdvBench a hash split of the sample
     (:func:`~safetygame.eval.harness.dev_test_split`). T is tuned on dev for the filter and the
@@ -337,31 +343,28 @@ async def run_open(
     dev_items, test_items = _open_items(cfg)
     items = [*dev_items, *test_items]
     agent = SafetyGame(backend, policy, cache=cache)
+    detector = RefusalDetector(LLMJudge(backend, policy.probes.judge_system, cache), mode=mode)
     sem = asyncio.Semaphore(max(1, backend.max_concurrency // 2))
     bar = tqdm(
         total=len(items), desc=cfg.benchmark, unit="prompt", miniters=1, disable=not progress
     )
 
-    async def decide(it: PromptItem) -> Decision:
+    async def decide(it: PromptItem) -> tuple[Decision, list[RefusalReading]]:
+        chat = prompt_chat(it)
         async with sem:
-            dec = await agent.arespond(prompt_chat(it), seed=item_seed(cfg.seed, it.id))
+            dec = await agent.arespond(chat, seed=item_seed(cfg.seed, it.id))
+            read = await asyncio.gather(*(detector.detect(chat, c.text) for c in dec.candidates))
         bar.update(1)
-        return dec
+        return dec, list(read)
 
     try:
         # Nested-sample order, as in the multiple-choice scoring pass.
         order = datasets.sample_order(items, cfg.seed)
-        decisions = await gather_in_order([decide(it) for it in items], order, tally)
+        done = await gather_in_order([decide(it) for it in items], order, tally)
     finally:
         bar.close()
-    judge = LLMJudge(backend, policy.probes.judge_system, cache)
-    detector = RefusalDetector(judge, mode=mode)
-    readings = await asyncio.gather(
-        *(
-            asyncio.gather(*(detector.detect(prompt_chat(it), c.text) for c in dec.candidates))
-            for it, dec in zip(items, decisions, strict=True)
-        )
-    )
+    decisions = [dec for dec, _ in done]
+    readings = [read for _, read in done]
     validation = await validate_detector(detector, policy)
 
     table = decision_table(decisions)

@@ -1,0 +1,110 @@
+"""The score cache: content keys, and moving entries between machines."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from safetygame.cache import ScoreCache, content_key
+from safetygame.cli import main
+from safetygame.errors import ConfigError
+
+
+def _filled(path: Path | None) -> ScoreCache:
+    c = ScoreCache(path)
+    c.put(content_key("yes_no", "m", ["a"]), "yes_no", {"p": 0.25, "method": "logprobs"})
+    c.put(content_key("yes_no", "m", ["b"]), "yes_no", {"p": 0.75, "method": "logprobs"})
+    c.put(content_key("sample", "m", ["c"]), "sample", [{"text": "Dites « oui ».", "n": 3}])
+    return c
+
+
+@pytest.mark.parametrize("name", ["export.jsonl", "export.jsonl.gz"])
+def test_export_then_import_gives_the_same_entries(tmp_path: Path, name: str) -> None:
+    src = _filled(tmp_path / "a.sqlite")
+    assert src.export_jsonl(tmp_path / name) == 3
+    dst = ScoreCache(tmp_path / "b.sqlite")
+    assert dst.import_jsonl(tmp_path / name) == {"read": 3, "added": 3, "kept": 0}
+    assert dst.kinds() == src.kinds() == {"yes_no": 2, "sample": 1}
+    key = content_key("sample", "m", ["c"])
+    assert dst.get(key) == src.get(key) == [{"text": "Dites « oui ».", "n": 3}]
+    # importing again adds nothing
+    assert dst.import_jsonl(tmp_path / name) == {"read": 3, "added": 0, "kept": 3}
+    assert not list(tmp_path.glob("*.tmp"))
+    if name.endswith(".gz"):  # really compressed, and lines of {"key", "kind", "value"}
+        lines = gzip.decompress((tmp_path / name).read_bytes()).decode().splitlines()
+        assert {tuple(sorted(json.loads(s))) for s in lines} == {("key", "kind", "value")}
+
+
+def test_export_of_some_kinds(tmp_path: Path) -> None:
+    assert _filled(None).export_jsonl(tmp_path / "e.jsonl", kinds=["sample"]) == 1
+    assert ScoreCache(None).import_jsonl(tmp_path / "e.jsonl")["added"] == 1
+
+
+def test_import_keeps_what_is_here_unless_replace(tmp_path: Path) -> None:
+    key = content_key("yes_no", "m", ["a"])
+    other = ScoreCache(None)
+    other.put(key, "yes_no", {"p": 0.9, "method": "sampled"})
+    other.export_jsonl(tmp_path / "e.jsonl")
+    here = _filled(None)
+    assert here.import_jsonl(tmp_path / "e.jsonl")["kept"] == 1
+    # a run that read 0.25 goes on reading it
+    assert here.get(key) == {"p": 0.25, "method": "logprobs"}
+    assert here.import_jsonl(tmp_path / "e.jsonl", replace=True)["added"] == 1
+    assert here.get(key) == {"p": 0.9, "method": "sampled"}
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("{not json", "not JSON"),
+        ('{"key": "ab", "kind": "x", "value": 1}', "64 lowercase hex"),
+        ('{"key": "' + "a" * 64 + '", "value": 1}', '"key", "kind" and "value"'),
+        ('{"key": "' + "a" * 64 + '", "kind": "", "value": 1}', "kind must be"),
+        ("[1, 2]", '"key", "kind" and "value"'),
+    ],
+)
+def test_a_bad_line_names_file_and_line_and_imports_nothing(
+    tmp_path: Path, line: str, says: str
+) -> None:
+    good = json.dumps({"key": "b" * 64, "kind": "yes_no", "value": {"p": 0.5}})
+    f = tmp_path / "bad.jsonl"
+    f.write_text(f"{good}\n\n{line}\n", encoding="utf-8")
+    c = ScoreCache(None)
+    with pytest.raises(ConfigError, match=says) as err:
+        c.import_jsonl(f)
+    assert f"{f}:3" in str(err.value)
+    assert len(c) == 0
+
+
+def test_unreadable_export_is_a_clear_error(tmp_path: Path) -> None:
+    f = tmp_path / "e.jsonl.gz"
+    f.write_bytes(b"not gzip at all")
+    with pytest.raises(ConfigError, match="cannot read cache export"):
+        ScoreCache(None).import_jsonl(f)
+
+
+def test_cli_info_export_import(tmp_path: Path) -> None:
+    _filled(tmp_path / "a.sqlite").close()
+    run = CliRunner().invoke
+    res = run(main, ["cache", "info", "--cache", str(tmp_path / "a.sqlite"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["kinds"] == {"yes_no": 2, "sample": 1}
+    exp = tmp_path / "e.jsonl.gz"
+    res = run(main, ["cache", "export", str(exp), "--cache", str(tmp_path / "a.sqlite"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["exported"] == 3
+    res = run(main, ["cache", "import", str(exp), "--cache", str(tmp_path / "b.sqlite"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["added"] == 3
+    res = run(main, ["cache", "import", str(exp), "--cache", str(tmp_path / "b.sqlite")])
+    assert res.exit_code == 0 and "added 0, kept 3" in res.stdout
+    (tmp_path / "bad.jsonl").write_text("oops\n", encoding="utf-8")
+    res = run(
+        main,
+        ["cache", "import", str(tmp_path / "bad.jsonl"), "--cache", str(tmp_path / "c.sqlite")],
+    )
+    assert res.exit_code == 2 and "bad.jsonl:1: not JSON" in res.stderr
+    res = run(main, ["cache", "info", "--cache", str(tmp_path / "none.sqlite")])
+    assert res.exit_code == 2 and "no score cache" in res.stderr
