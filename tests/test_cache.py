@@ -108,3 +108,14 @@ def test_cli_info_export_import(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "bad.jsonl:1: not JSON" in res.stderr
     res = run(main, ["cache", "info", "--cache", str(tmp_path / "none.sqlite")])
     assert res.exit_code == 2 and "no score cache" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "export", sorted((Path(__file__).parents[1] / "resume").glob("*.jsonl.gz")), ids=str
+)
+def test_committed_exports_import_whole(export: Path) -> None:
+    """Every export under resume/ is well formed and holds only this cache's kinds."""
+    c = ScoreCache(None)
+    got = c.import_jsonl(export)
+    assert got["read"] == got["added"] > 0
+    assert set(c.kinds()) <= {"yes_no", "sample", "loglik", "embed"}

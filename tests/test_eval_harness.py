@@ -362,6 +362,16 @@ def test_tally_after_cancel_counts_the_finished_prefix_in_start_order() -> None:
         asyncio.run(failing())
     assert 0 not in tally.finished and tally.prefix == 0  # a failed task is not finished
 
+    async def incomplete() -> list[int]:
+        async def job3(i: int) -> int:
+            return i
+
+        # a task that returns a result judged incomplete (a failed decision) is not finished
+        return await gather_in_order([job3(i) for i in range(3)], None, tally, lambda r: r != 1)
+
+    assert asyncio.run(incomplete()) == [0, 1, 2]
+    assert tally.finished == {0, 2} and tally.prefix == 1
+
 
 def test_interrupted_message_names_the_reportable_nested_sample() -> None:
     tally = RunTally(order=[4, 1, 0, 3, 2], finished={4, 1, 0, 2})

@@ -11,7 +11,7 @@ import pytest
 from safetygame.agent import CandidateRecord, Decision, Status
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
 from safetygame.cache import ScoreCache
-from safetygame.errors import ConfigError
+from safetygame.errors import BackendError, ConfigError
 from safetygame.eval.harness import EvalConfig
 from safetygame.eval.refusal import (
     FILTER,
@@ -194,3 +194,28 @@ def test_each_prompt_is_read_for_refusal_right_after_its_decision() -> None:
         assert chunk[-3:] == [REFUSAL_QUESTION] * 3
     assert REFUSAL_QUESTION not in decisions[: per_prompt - 3]
     assert tally.prefix == tally.total == 4
+
+
+class _FailFirstDouble(_OrderDouble):
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        if "sample" not in self.log:
+            self.log.append("sample")
+            raise BackendError("upstream down")
+        return await super().sample(messages, n, config)
+
+
+def test_a_failed_decision_is_reported_and_not_finished() -> None:
+    """It is counted in n_failed_decisions, and a stopped or resumed run does not take it
+    for done (its sample was never cached)."""
+    pol = load_policy()
+    pol = pol.model_copy(update={"sampling": pol.sampling.model_copy(update={"n": 2})})
+    backend, tally = _FailFirstDouble(), RunTally()
+    cfg = EvalConfig("xstest", limit=4, budgets=(0.0, 0.1), n_resamples=50)
+    summary, _, _ = asyncio.run(
+        run_open(backend, pol, cfg, ScoreCache(None), progress=False, tally=tally)
+    )
+    assert summary["n_failed_decisions"] == 1
+    assert tally.order[0] not in tally.finished and len(tally.finished) == 3
+    assert tally.prefix == 0

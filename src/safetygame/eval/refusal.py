@@ -342,7 +342,9 @@ async def run_open(
     """
     dev_items, test_items = _open_items(cfg)
     items = [*dev_items, *test_items]
-    agent = SafetyGame(backend, policy, cache=cache)
+    # No per-decision timeout: a decision that waits its turn behind other prompts would be
+    # cut off and scored as the policy's refusal. Each model call keeps its own timeout.
+    agent = SafetyGame(backend, policy, cache=cache, timeout=None)
     detector = RefusalDetector(LLMJudge(backend, policy.probes.judge_system, cache), mode=mode)
     sem = asyncio.Semaphore(max(1, backend.max_concurrency // 2))
     bar = tqdm(
@@ -360,7 +362,11 @@ async def run_open(
     try:
         # Nested-sample order, as in the multiple-choice scoring pass.
         order = datasets.sample_order(items, cfg.seed)
-        done = await gather_in_order([decide(it) for it in items], order, tally)
+        # A failed decision (reported in n_failed_decisions) is not done: a resumed run
+        # retries it, and a stopped run's prefix never counts it.
+        done = await gather_in_order(
+            [decide(it) for it in items], order, tally, lambda r: r[0].status == Status.OK
+        )
     finally:
         bar.close()
     decisions = [dec for dec, _ in done]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -208,9 +208,11 @@ async def gather_in_order(
     coros: Sequence[Coroutine[Any, Any, R]],
     order: Sequence[int] | None = None,
     tally: RunTally | None = None,
+    complete: Callable[[R], bool] | None = None,
 ) -> list[R]:
     """``asyncio.gather`` whose tasks are created (and so queue on a semaphore) in ``order``;
-    results come back in the input order. ``tally`` records each task that succeeds."""
+    results come back in the input order. ``tally`` records each task that succeeds with a
+    result that is ``complete`` (any result, if None)."""
     order = list(range(len(coros))) if order is None else list(order)
     if sorted(order) != list(range(len(coros))):
         raise ValueError("order must be a permutation of the coroutines' indices")
@@ -218,12 +220,16 @@ async def gather_in_order(
     if tally is not None:
         tally.order, tally.finished = order, set()
         for i, task in tasks.items():
-            task.add_done_callback(functools.partial(_tally, tally, i))
+            task.add_done_callback(functools.partial(_tally, tally, i, complete))
     return list(await asyncio.gather(*(tasks[i] for i in range(len(coros)))))
 
 
-def _tally(tally: RunTally, i: int, task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is None:
+def _tally(
+    tally: RunTally, i: int, complete: Callable[[Any], bool] | None, task: asyncio.Future[Any]
+) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    if complete is None or complete(task.result()):
         tally.finished.add(i)
 
 
