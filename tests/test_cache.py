@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -119,3 +120,25 @@ def test_committed_exports_import_whole(export: Path) -> None:
     got = c.import_jsonl(export)
     assert got["read"] == got["added"] > 0
     assert set(c.kinds()) <= {"yes_no", "sample", "loglik", "embed"}
+
+
+def test_a_failed_export_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails half-way (here the second line) leaves neither a .tmp nor the file,
+    and an export already at the target is kept."""
+    target = tmp_path / "e.jsonl.gz"
+    target.write_bytes(b"earlier export")
+    real_dumps = json.dumps
+    calls: list[int] = []
+
+    def failing_dumps(obj: object, **kw: Any) -> str:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_dumps(obj, **kw)
+
+    c = _filled(None)
+    monkeypatch.setattr("safetygame.cache.json.dumps", failing_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        c.export_jsonl(target)
+    assert target.read_bytes() == b"earlier export"
+    assert not list(tmp_path.glob("*.tmp"))

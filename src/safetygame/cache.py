@@ -97,12 +97,16 @@ class ScoreCache:
         n = 0
         p = Path(path)
         tmp = p.with_name(p.name + ".tmp")
-        with _open(tmp, "w") as f:
-            for key, kind, value in rows:
-                if wanted is None or kind in wanted:
-                    line = {"key": key, "kind": kind, "value": json.loads(value)}
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    n += 1
+        try:
+            with _open(tmp, "w") as f:
+                for key, kind, value in rows:
+                    if wanted is None or kind in wanted:
+                        line = {"key": key, "kind": kind, "value": json.loads(value)}
+                        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                        n += 1
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed export leaves nothing behind
+            raise
         tmp.replace(p)  # never a half-written export under the real name
         return n
 
