@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -178,21 +179,29 @@ class _OrderDouble(Backend):
         raise NotImplementedError
 
 
+def _run_open_on_4(backend: Backend, tally: RunTally) -> dict[str, Any]:
+    """run_open on a seeded 4 XSTest prompts, n = 2 samples each; returns the summary."""
+    pol = load_policy()
+    pol = pol.model_copy(update={"sampling": pol.sampling.model_copy(update={"n": 2})})
+    cfg = EvalConfig("xstest", limit=4, budgets=(0.0, 0.1), n_resamples=50)
+    summary, _, _ = asyncio.run(
+        run_open(backend, pol, cfg, ScoreCache(None), progress=False, tally=tally)
+    )
+    return summary
+
+
 def test_each_prompt_is_read_for_refusal_right_after_its_decision() -> None:
     """The refusal probe follows its prompt's other probes (their prefix is still in the
     model's prompt cache), and a prompt counts as finished only with its readings."""
-    pol = load_policy()
-    pol = pol.model_copy(update={"sampling": pol.sampling.model_copy(update={"n": 2})})
     backend, tally = _OrderDouble(), RunTally()
-    cfg = EvalConfig("xstest", limit=4, budgets=(0.0, 0.1), n_resamples=50)
-    asyncio.run(run_open(backend, pol, cfg, ScoreCache(None), progress=False, tally=tally))
+    _run_open_on_4(backend, tally)
     per_prompt = 1 + 2 * 3 + 3  # sampling, 2 probes on 3 texts (refusal too), 3 readings
-    decisions = backend.log[: 4 * per_prompt]
+    requests = backend.log[: 4 * per_prompt]  # then the detector's validation
     for k in range(4):
-        chunk = decisions[k * per_prompt : (k + 1) * per_prompt]
+        chunk = requests[k * per_prompt : (k + 1) * per_prompt]
         assert chunk[0] == "sample" and chunk.count("sample") == 1
         assert chunk[-3:] == [REFUSAL_QUESTION] * 3
-    assert REFUSAL_QUESTION not in decisions[: per_prompt - 3]
+    assert REFUSAL_QUESTION not in requests[: per_prompt - 3]
     assert tally.prefix == tally.total == 4
 
 
@@ -209,13 +218,7 @@ class _FailFirstDouble(_OrderDouble):
 def test_a_failed_decision_is_reported_and_not_finished() -> None:
     """It is counted in n_failed_decisions, and a stopped or resumed run does not take it
     for done (its sample was never cached)."""
-    pol = load_policy()
-    pol = pol.model_copy(update={"sampling": pol.sampling.model_copy(update={"n": 2})})
-    backend, tally = _FailFirstDouble(), RunTally()
-    cfg = EvalConfig("xstest", limit=4, budgets=(0.0, 0.1), n_resamples=50)
-    summary, _, _ = asyncio.run(
-        run_open(backend, pol, cfg, ScoreCache(None), progress=False, tally=tally)
-    )
-    assert summary["n_failed_decisions"] == 1
+    tally = RunTally()
+    assert _run_open_on_4(_FailFirstDouble(), tally)["n_failed_decisions"] == 1
     assert tally.order[0] not in tally.finished and len(tally.finished) == 3
     assert tally.prefix == 0
