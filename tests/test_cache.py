@@ -142,3 +142,14 @@ def test_a_failed_export_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monk
         c.export_jsonl(target)
     assert target.read_bytes() == b"earlier export"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_file_that_is_not_a_cache_is_a_clear_error(tmp_path: Path) -> None:
+    export = tmp_path / "e.jsonl.gz"
+    _filled(None).export_jsonl(export)
+    before = export.read_bytes()
+    with pytest.raises(ConfigError, match="is not a score cache"):
+        ScoreCache(export)
+    res = CliRunner().invoke(main, ["cache", "info", "--cache", str(export)])
+    assert res.exit_code == 2 and "is not a score cache" in res.stderr
+    assert export.read_bytes() == before  # untouched
