@@ -215,10 +215,25 @@ class _FailFirstDouble(_OrderDouble):
         return await super().sample(messages, n, config)
 
 
-def test_a_failed_decision_is_reported_and_not_finished() -> None:
-    """It is counted in n_failed_decisions, and a stopped or resumed run does not take it
-    for done (its sample was never cached)."""
+def test_a_failed_decision_is_reported_left_out_and_not_finished() -> None:
+    """It is listed, kept out of every metric (an outage is not the model's behaviour), and
+    a stopped or resumed run does not take it for done (its sample was never cached)."""
     tally = RunTally()
-    assert _run_open_on_4(_FailFirstDouble(), tally)["n_failed_decisions"] == 1
+    summary = _run_open_on_4(_FailFirstDouble(), tally)
+    assert summary["n_failed_decisions"] == 1
+    assert len(summary["failed_ids"]) == 1
+    assert summary["n"] + summary["n_dev"] == 3
     assert tally.order[0] not in tally.finished and len(tally.finished) == 3
     assert tally.prefix == 0
+
+
+class _DownDouble(_OrderDouble):
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        raise BackendError("upstream down")
+
+
+def test_a_run_where_every_decision_failed_is_an_error_not_a_table() -> None:
+    with pytest.raises(BackendError, match="4 failed, the first with generation_failed"):
+        _run_open_on_4(_DownDouble(), RunTally())

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from safetygame.agent import Decision, SafetyGame, Status
 from safetygame.backends.base import Backend, Message
 from safetygame.cache import ScoreCache
-from safetygame.errors import ConfigError
+from safetygame.errors import BackendError, ConfigError
 from safetygame.eval import datasets
 from safetygame.eval.datasets import PromptItem
 from safetygame.eval.harness import EvalConfig, budget_curves, dev_test_split, expected_helpfulness
@@ -379,7 +379,18 @@ async def run_open(
     by_pattern = _columns(readings, table.n_options, lambda r: r.pattern)
     by_probe = _columns(readings, table.n_options, lambda r: r.probe is not None and r.probe >= 0.5)
     n_dev = len(dev_items)
-    dev_idx, test_idx = np.arange(n_dev), np.arange(n_dev, len(items))
+    # A failed decision is an outage, not the model's behaviour: left out of every metric
+    # (and listed), as the multiple-choice scoring leaves out its failed items.
+    ok = np.array([dec.status == Status.OK for dec in decisions], dtype=bool)
+    failed_ids = [it.id for it, good in zip(items, ok, strict=True) if not good]
+    dev_idx = np.flatnonzero(ok[:n_dev])
+    test_idx = n_dev + np.flatnonzero(ok[n_dev:])
+    if failed_ids and (dev_idx.size == 0 or test_idx.size == 0):
+        first = next(d for d in decisions if d.status != Status.OK)
+        raise BackendError(
+            f"{cfg.benchmark}: no dev or no test prompt has a decision; {len(failed_ids)} "
+            f"failed, the first with {first.status.value}: {first.reason}"
+        )
     labels = [it.label for it in items]
     eps = policy.game.epsilon
 
@@ -445,13 +456,14 @@ async def run_open(
             seed=cfg.seed,
         )
         paired[other] = {"diff": d.diff, "ci": [d.low, d.high], "p_value": d.p_value}
-    all_readings = [r for rs in readings for r in rs]
+    all_readings = [r for i in np.flatnonzero(ok) for r in readings[i]]
     summary = {
-        "n": len(test_items),
-        "n_dev": n_dev,
+        "n": int(test_idx.size),
+        "n_dev": int(dev_idx.size),
         "n_harmful": int(harmful.sum()),
         "n_safe": int((~harmful).sum()),
-        "n_failed_decisions": sum(d.status != Status.OK for d in decisions),
+        "n_failed_decisions": len(failed_ids),
+        "failed_ids": failed_ids,
         "methods": methods,
         "paired": {GAME: paired},
         "tuned": tuned,
@@ -482,7 +494,8 @@ async def run_open(
             )
             for T in cfg.budgets
         ]
-    records = _records(items, decisions, readings, n_dev, strategies)
+    test_row = {int(i): row for row, i in enumerate(test_idx)}
+    records = _records(items, decisions, readings, n_dev, test_row, strategies)
     return summary, curves, records
 
 
@@ -523,8 +536,11 @@ def _records(
     decisions: Sequence[Decision],
     readings: Sequence[Sequence[RefusalReading]],
     n_dev: int,
+    test_row: Mapping[int, int],
     strategies: Mapping[str, FloatArray],
 ) -> list[dict[str, Any]]:
+    """Every prompt, failed ones too; test prompts with a decision (``test_row``: item index
+    to strategy row) also get each system's strategy."""
     out = []
     for i, (it, dec, rs) in enumerate(zip(items, decisions, readings, strict=True)):
         rec: dict[str, Any] = {
@@ -548,8 +564,8 @@ def _records(
             ],
             "policy_strategy": list(dec.strategy),
         }
-        if i >= n_dev:
-            row = i - n_dev
+        if i in test_row:
+            row = test_row[i]
             m = len(dec.candidates) - 1
             # reorder to the decision's order: refusal first, then the samples
             rec["strategies"] = {
