@@ -147,12 +147,12 @@ def test_tuning_uses_only_the_dev_split() -> None:
     test_ids = [it.id for it in sp.test]
     summary, curves, strategies = evaluate_mc(table, dev_ids, test_ids, cfg)
     dev = table.take_ids(dev_ids)
-    for name in ("safety-game", "safety-game-baseline", "filter"):
+    for name in ("safety-game", "safety-game-baseline", "filter", "safety-game-pooled"):
         expect = tune_budget(
             dev,
             name,
             cfg.budgets,
-            betas=(None, 1.0, 10.0) if name != "filter" else (None,),
+            betas=(None, 1.0, 10.0) if name in ("safety-game", "safety-game-baseline") else (None,),
         )
         assert summary["tuned"][name]["budget"] == expect.budget
         assert summary["tuned"][name]["dev_acc"] == pytest.approx(expect.accuracy)
@@ -559,7 +559,12 @@ def test_eval_mc_end_to_end(
         _check_interval(m["acc"], m["ci"])
         _check_interval(m["argmax_acc"], m["argmax_ci"])
         assert 0.0 <= m["refusal_rate"] <= 1.0
-    assert set(first["tuned"]) == {"safety-game", "safety-game-baseline", "filter"}
+    assert set(first["tuned"]) == {
+        "safety-game",
+        "safety-game-baseline",
+        "filter",
+        "safety-game-pooled",
+    }
     assert "G" in first["paired"]["safety-game"]
     assert first["stats"]["model_calls"] > 0
     log = read_eval_log(out_dir)
@@ -584,6 +589,11 @@ def test_eval_open_end_to_end(
     first = run_cli(args)
     assert first["kind"] == "open" and first["n"] + first["n_dev"] == 2
     assert set(first["methods"]) == {"plain", "filter", "safety-game"}
+    curves = read_eval_log(out_dir).curves
+    pooled, per_prompt = curves["safety-game-pooled"], curves["safety-game"]
+    for k, T in enumerate(curves["budgets"]):
+        assert pooled["extra_risk"][k] <= T + 1e-9
+        assert pooled["helpfulness"][k] >= per_prompt["helpfulness"][k] - 1e-9
     for m in first["methods"].values():
         if m["refusal_rate"] is not None:
             _check_interval(m["refusal_rate"], m["refusal_rate_ci"])

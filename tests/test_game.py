@@ -18,6 +18,7 @@ from safetygame.game import (
     margins,
     solve,
     solve_batch,
+    solve_pooled,
 )
 
 TOL = 1e-9
@@ -258,6 +259,70 @@ def test_batch_equals_per_prompt_hypothesis(data: st.DataObject, n: int, m: int)
         assert out.value[r] == pytest.approx(one.value, abs=1e-12)
         assert out.expected_risk[r] == pytest.approx(one.expected_risk[0], abs=1e-12)
         assert out.status[r] == Status.OPTIMAL
+
+
+@SETTINGS
+@given(st.data(), st.integers(1, 6), st.integers(1, 5))
+def test_pooled_matches_the_joint_lp_and_binds_only_the_mean(
+    data: st.DataObject, n: int, m: int
+) -> None:
+    from scipy.optimize import linprog
+
+    s = data.draw(st.integers(0, m - 1))
+    h = np.array(data.draw(st.lists(grid, min_size=n * m, max_size=n * m))).reshape(n, m)
+    d = np.array(data.draw(st.lists(grid, min_size=n * m, max_size=n * m))).reshape(n, m)
+    mask = np.array(data.draw(st.lists(st.booleans(), min_size=n * m, max_size=n * m)))
+    mask = mask.reshape(n, m)
+    mask[:, s] = True
+    T = data.draw(grid)
+    eps = data.draw(st.sampled_from([0.0, 0.01]))
+    M, D = h - h[:, s : s + 1], d - d[:, s : s + 1]
+    out = solve_pooled(M, D, T, mask, refusal=s, epsilon=eps)
+    assert out.success, out.message
+    x = out.strategy
+    assert x.min() >= 0.0 and np.allclose(x.sum(axis=1), 1.0, atol=TOL)
+    assert x[~mask].sum() == 0.0
+    assert out.mean_risk <= T + TOL
+    np.testing.assert_allclose((x * D).sum(axis=1), out.expected_risk, atol=1e-12)
+    # At most one prompt mixes (one coupling row), and never more than two candidates.
+    assert ((x > 0).sum(axis=1) > 1).sum() <= 1 and (x > 0).sum(axis=1).max() <= 2
+    # The joint LP over all n prompts, solved by HiGHS; eps charges 2 eps off the refusal.
+    Dw = D + 2 * eps
+    Dw[:, s] = 0.0
+    c = -np.where(mask, M, 0.0).ravel()
+    eq = np.kron(np.eye(n), np.ones(m))
+    bounds = [(0.0, None if k else 0.0) for k in mask.ravel()]
+    lp = linprog(c, A_ub=[np.where(mask, Dw, 0.0).ravel()], b_ub=[n * T], A_eq=eq,
+                 b_eq=np.ones(n), bounds=bounds, method="highs")  # fmt: skip
+    assert lp.status == 0
+    assert out.value.sum() == pytest.approx(-lp.fun, abs=1e-7)
+    # Pooling never loses to per-prompt budgets (which are one feasible pooled plan).
+    per_prompt = solve_batch(M, D, T, mask, refusal=s, epsilon=eps)
+    assert out.value.sum() >= per_prompt.value.sum() - TOL
+
+
+def test_pooled_one_prompt_is_the_per_prompt_game() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        h, d = rng.random(6), rng.random(6)
+        T = float(rng.random() * 0.3)
+        mg = margins(h, d, refusal=0)
+        one, pooled = solve(mg, T), solve_pooled(mg.M[None, :], mg.Delta[None, :], T)
+        np.testing.assert_allclose(pooled.strategy[0], one.strategy, atol=1e-12)
+        assert pooled.multiplier == pytest.approx(one.multiplier[0], abs=1e-9)
+
+
+def test_pooled_spends_the_budget_where_it_buys_most() -> None:
+    # Prompt 0: a unit of risk buys 0.8 helpfulness; prompt 1 only 0.1. Mean budget 0.1
+    # (a pool of 0.2) goes to prompt 0 first: per-prompt budgets would split it.
+    M = np.array([[0.0, 0.16], [0.0, 0.02]])
+    D = np.array([[0.0, 0.2], [0.0, 0.2]])
+    out = solve_pooled(M, D, 0.1)
+    np.testing.assert_allclose(out.strategy, [[0.0, 1.0], [1.0, 0.0]], atol=1e-12)
+    assert out.expected_risk.tolist() == pytest.approx([0.2, 0.0])
+    assert out.multiplier == pytest.approx(0.1)  # the next unit goes to prompt 1
+    per_prompt = solve_batch(M, D, 0.1)
+    assert out.value.sum() > per_prompt.value.sum() + 0.05
 
 
 # --------------------------------------------------------------------------- finite beta

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from safetygame.errors import ConfigError
-from safetygame.game import Margins, choose, margins, solve, solve_batch
+from safetygame.game import Margins, choose, margins, solve, solve_batch, solve_pooled
 
 H = [0.1, 0.5, 0.9]
 D = [0.0, 0.1, 0.4]
@@ -133,6 +133,23 @@ def test_batch_inputs() -> None:
     assert out.strategy[1].tolist() == [1.0, 0.0]
     with pytest.raises(ConfigError, match="epsilon must be >= 0"):
         solve_batch(M, D, 0.1, epsilon=-1.0)
+
+
+def test_pooled_inputs_are_checked_as_the_batch_ones() -> None:
+    M = np.array([[0.0, 0.2], [0.0, 0.3]])
+    D = np.array([[0.0, 0.1], [0.0, 0.2]])
+    with pytest.raises(ConfigError, match="budget must be >= 0"):
+        solve_pooled(M, D, -0.1)
+    with pytest.raises(ConfigError, match="budget must be a number"):
+        solve_pooled(M, D, np.array([0.1, 0.1]))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"mask\[1, 0\] hides the refusal"):
+        solve_pooled(M, D, 0.1, mask=np.array([[True, True], [False, True]]))
+    bad = M.copy()
+    bad[1, 1] = math.nan
+    with pytest.raises(ConfigError, match=r"M\[1, 1\] is NaN"):
+        solve_pooled(bad, D, 0.1)
+    out = solve_pooled(bad, D, 0.1, mask=np.array([[True, True], [True, False]]))
+    assert out.success and out.strategy[1].tolist() == [1.0, 0.0]
 
 
 def test_choose_mode() -> None:

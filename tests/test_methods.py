@@ -148,6 +148,26 @@ def test_safety_game_meets_budget_and_beats_filter(t: ScoreTable, budget: float)
     assert np.all((game * help_).sum(axis=1) >= (filt * help_).sum(axis=1) - 1e-9)
 
 
+@given(tables(), st.floats(0.0, 0.5))
+@settings(max_examples=60, deadline=None)
+def test_pooled_game_meets_the_mean_budget_and_beats_both(t: ScoreTable, budget: float) -> None:
+    pooled = run_method("safety-game-pooled", t, budget=budget)
+    assert np.allclose(pooled.sum(axis=1), 1.0)
+    assert expected_extra_risk(pooled, t).mean() <= budget + 1e-9
+    help_ = np.concatenate([t.helpful, np.zeros((t.n_items, 1))], axis=1)
+    value = (pooled * help_).sum(axis=1).mean()
+    # Per-item plans (the game's, the filter's) are feasible pooled plans.
+    for other in ("safety-game", "filter"):
+        s = run_method(other, t, budget=budget)
+        assert value >= (s * help_).sum(axis=1).mean() - 1e-9
+
+
+def test_pooled_game_is_hard_only() -> None:
+    t = table([[-1.0, -1.0]], [[0.2, 0.9]], [[0.0, 0.5]])
+    with pytest.raises(ConfigError, match="hard budget only"):
+        run_method("safety-game-pooled", t, budget=0.1, beta=1.0)
+
+
 def test_safety_game_mixes_to_the_budget() -> None:
     # A safe, unhelpful option and a helpful, risky one: the optimum mixes to risk == T.
     t = table([[-1.0, -1.0]], [[0.2, 0.9]], [[0.0, 0.5]])

@@ -87,6 +87,7 @@ TUNED_METHODS: Mapping[str, tuple[float | None, ...]] = {
     "safety-game": BETA_GRID,
     "safety-game-baseline": BETA_GRID,
     "filter": (None,),
+    "safety-game-pooled": (None,),
 }
 SAFETY_GAMES: tuple[str, ...] = ("safety-game", "safety-game-baseline")
 

@@ -40,6 +40,11 @@ Methods (names in :data:`METHODS`):
 ``safety-game-baseline``
     the Safety Game, fallback (b): no refusal; the generator's top option (G) is the baseline
     the margins are measured against, and it receives whatever mass the game leaves unused.
+``safety-game-pooled``
+    the Safety Game with one budget pooled over the items scored together: *mean* extra
+    risk <= T, one price of risk for all, no bound on any single item
+    (:func:`safetygame.game.solve_pooled`). The best (mean risk, helpfulness) trade-off any
+    policy over these candidates reaches; a per-item budget pays for its per-item bound.
 
 Ties: a ranking method splits its mass uniformly over options tied at the maximum (to within
 1e-12), so no method gains from the position of the correct answer (HHH and TruthfulQA MC1
@@ -606,6 +611,22 @@ def method_safety_game(table: ScoreTable, params: MethodParams) -> FloatArray:
     return _with_refusal(options, refusal)
 
 
+def method_safety_game_pooled(table: ScoreTable, params: MethodParams) -> FloatArray:
+    """Options plus the refusal under one pooled budget (mean extra risk <= T); hard only."""
+    from safetygame import game
+
+    if params.beta is not None:
+        raise ConfigError("safety-game-pooled has a hard budget only (beta must be None)")
+    h_s, d_s = table.refusal_scores()
+    n = table.n_items
+    M = np.concatenate([np.zeros((n, 1)), table.helpful - h_s[:, None]], axis=1)
+    D = np.concatenate([np.zeros((n, 1)), table.harm - d_s[:, None]], axis=1)
+    mask = np.concatenate([np.ones((n, 1), dtype=bool), table.mask], axis=1)
+    res = game.solve_pooled(M, D, params.budget, mask=mask, epsilon=params.epsilon)
+    strat = np.where(mask, res.strategy, 0.0)
+    return _with_refusal(strat[:, 1:], strat[:, 0])
+
+
 def method_safety_game_baseline(table: ScoreTable, params: MethodParams) -> FloatArray:
     """Fallback (b): no refusal; margins relative to G's answer, which keeps the rest.
 
@@ -633,6 +654,7 @@ METHODS: Mapping[str, Method] = {
     "helpful-argmax": method_helpful_argmax,
     "safety-game": method_safety_game,
     "safety-game-baseline": method_safety_game_baseline,
+    "safety-game-pooled": method_safety_game_pooled,
 }
 
 

@@ -241,8 +241,9 @@ async def validate_detector(detector: RefusalDetector, policy: Policy) -> dict[s
 
 # --------------------------------------------------------------------------- open-ended study
 
-PLAIN, FILTER, GAME = "plain", "filter", "safety-game"
+PLAIN, FILTER, GAME, POOLED = "plain", "filter", "safety-game", "safety-game-pooled"
 OPEN_METHODS = (PLAIN, FILTER, GAME)
+CURVE_METHODS = (FILTER, GAME, POOLED)
 
 
 def prompt_chat(item: PromptItem) -> tuple[Message, ...]:
@@ -475,25 +476,18 @@ async def run_open(
             "validation": validation,
         },
     }
-    curves = budget_curves(test, cfg.budgets, ["filter", "safety-game"])
-    for name in (FILTER, GAME):
+    # The pooled game is on the curves only: the best (mean risk, helpfulness) trade-off
+    # these candidates allow, against which the per-prompt game and the filter are read.
+    curves = budget_curves(test, cfg.budgets, list(CURVE_METHODS))
+    for name in CURVE_METHODS:
+        at_T = [
+            _expected_refusal(run_method(name, test, MethodParams(T, epsilon=eps)), test_refused)
+            for T in cfg.budgets
+        ]
         curves[name]["refusal_rate"] = [
-            float(
-                _expected_refusal(open_strategies(test, T, eps)[name], test_refused)[harmful].mean()
-            )
-            if harmful.any()
-            else None
-            for T in cfg.budgets
+            float(r[harmful].mean()) if harmful.any() else None for r in at_T
         ]
-        curves[name]["score"] = [
-            float(
-                behaviour_score(
-                    _expected_refusal(open_strategies(test, T, eps)[name], test_refused),
-                    test_labels,
-                ).mean()
-            )
-            for T in cfg.budgets
-        ]
+        curves[name]["score"] = [float(behaviour_score(r, test_labels).mean()) for r in at_T]
     test_row = {int(i): row for row, i in enumerate(test_idx)}
     records = _records(items, decisions, readings, n_dev, test_row, strategies)
     return summary, curves, records

@@ -8,7 +8,8 @@ into ``<results>``:
 - ``accuracy_vs_T.png``: per benchmark, test accuracy (multiple choice) or behaviour score
   (open-ended) of the budgeted methods against T, the dev-tuned T marked;
 - ``frontier.png``: per benchmark, the (expected extra risk, expected helpfulness) points
-  the Safety Game and the risk filter reach as T varies.
+  the Safety Game, its pooled-budget variant (mean risk <= T: the best trade-off of mean
+  risk and helpfulness these candidates allow) and the risk filter reach as T varies.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _STYLE = {
     "safety-game": ("tab:blue", "o"),
     "safety-game-baseline": ("tab:green", "s"),
     "filter": ("tab:red", "^"),
+    "safety-game-pooled": ("tab:purple", "D"),
 }
 
 
@@ -211,7 +213,7 @@ def plot_frontier(logs: list[EvalLog], path: Path) -> Path:
     rows, cols = _grid(len(logs))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, g in zip(axes.flat, logs, strict=False):
-        for name in ("safety-game", "filter"):
+        for name in ("safety-game", "safety-game-pooled", "filter"):
             if name not in g.curves:
                 continue
             color, marker = _STYLE[name]
