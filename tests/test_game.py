@@ -240,15 +240,23 @@ def test_batch_equals_per_prompt_with_masks() -> None:
         assert out.strategy[r, ~mask[r]].sum() == 0.0
 
 
-@SETTINGS
-@given(st.data(), st.integers(1, 6), st.integers(1, 6))
-def test_batch_equals_per_prompt_hypothesis(data: st.DataObject, n: int, m: int) -> None:
+def _draw_batch(
+    data: st.DataObject, n: int, m: int, score: st.SearchStrategy[float]
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """A refusal index, (n, m) helpfulness and harm scores, and a mask keeping the refusal."""
     s = data.draw(st.integers(0, m - 1))
-    h = np.array(data.draw(st.lists(prob, min_size=n * m, max_size=n * m))).reshape(n, m)
-    d = np.array(data.draw(st.lists(prob, min_size=n * m, max_size=n * m))).reshape(n, m)
+    h = np.array(data.draw(st.lists(score, min_size=n * m, max_size=n * m))).reshape(n, m)
+    d = np.array(data.draw(st.lists(score, min_size=n * m, max_size=n * m))).reshape(n, m)
     mask = np.array(data.draw(st.lists(st.booleans(), min_size=n * m, max_size=n * m)))
     mask = mask.reshape(n, m)
     mask[:, s] = True
+    return s, h, d, mask
+
+
+@SETTINGS
+@given(st.data(), st.integers(1, 6), st.integers(1, 6))
+def test_batch_equals_per_prompt_hypothesis(data: st.DataObject, n: int, m: int) -> None:
+    s, h, d, mask = _draw_batch(data, n, m, prob)
     T = np.array(data.draw(st.lists(prob, min_size=n, max_size=n)))
     eps = data.draw(st.sampled_from([0.0, 0.01]))
     M, D = h - h[:, s : s + 1], d - d[:, s : s + 1]
@@ -268,12 +276,7 @@ def test_pooled_matches_the_joint_lp_and_binds_only_the_mean(
 ) -> None:
     from scipy.optimize import linprog
 
-    s = data.draw(st.integers(0, m - 1))
-    h = np.array(data.draw(st.lists(grid, min_size=n * m, max_size=n * m))).reshape(n, m)
-    d = np.array(data.draw(st.lists(grid, min_size=n * m, max_size=n * m))).reshape(n, m)
-    mask = np.array(data.draw(st.lists(st.booleans(), min_size=n * m, max_size=n * m)))
-    mask = mask.reshape(n, m)
-    mask[:, s] = True
+    s, h, d, mask = _draw_batch(data, n, m, grid)
     T = data.draw(grid)
     eps = data.draw(st.sampled_from([0.0, 0.01]))
     M, D = h - h[:, s : s + 1], d - d[:, s : s + 1]

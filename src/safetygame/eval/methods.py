@@ -569,6 +569,17 @@ def method_helpful_argmax(table: ScoreTable, params: MethodParams) -> FloatArray
     return _with_refusal(pick, refuse.astype(float))
 
 
+def _baseline_first(
+    h_base: FloatArray, d_base: FloatArray, table: ScoreTable
+) -> tuple[FloatArray, FloatArray, BoolArray]:
+    """(n, m + 1) helpfulness, harm and validity with the baseline action as column 0."""
+    n = table.n_items
+    h = np.concatenate([h_base[:, None], table.helpful], axis=1)
+    d = np.concatenate([d_base[:, None], table.harm], axis=1)
+    mask = np.concatenate([np.ones((n, 1), dtype=bool), table.mask], axis=1)
+    return h, d, mask
+
+
 def _game_vs_baseline(
     h_base: FloatArray,
     d_base: FloatArray,
@@ -585,9 +596,7 @@ def _game_vs_baseline(
     from safetygame import game  # imported here: the data loaders need no solver
 
     n, m = table.n_items, table.n_options
-    h = np.concatenate([h_base[:, None], table.helpful], axis=1)
-    d = np.concatenate([d_base[:, None], table.harm], axis=1)
-    mask = np.concatenate([np.ones((n, 1), dtype=bool), table.mask], axis=1)
+    h, d, mask = _baseline_first(h_base, d_base, table)
     if params.beta is None:
         res = game.solve_batch(
             h - h[:, :1], d - d[:, :1], params.budget, mask=mask, epsilon=params.epsilon
@@ -617,12 +626,10 @@ def method_safety_game_pooled(table: ScoreTable, params: MethodParams) -> FloatA
 
     if params.beta is not None:
         raise ConfigError("safety-game-pooled has a hard budget only (beta must be None)")
-    h_s, d_s = table.refusal_scores()
-    n = table.n_items
-    M = np.concatenate([np.zeros((n, 1)), table.helpful - h_s[:, None]], axis=1)
-    D = np.concatenate([np.zeros((n, 1)), table.harm - d_s[:, None]], axis=1)
-    mask = np.concatenate([np.ones((n, 1), dtype=bool), table.mask], axis=1)
-    res = game.solve_pooled(M, D, params.budget, mask=mask, epsilon=params.epsilon)
+    h, d, mask = _baseline_first(*table.refusal_scores(), table)
+    res = game.solve_pooled(
+        h - h[:, :1], d - d[:, :1], params.budget, mask=mask, epsilon=params.epsilon
+    )
     strat = np.where(mask, res.strategy, 0.0)
     return _with_refusal(strat[:, 1:], strat[:, 0])
 
