@@ -285,17 +285,28 @@ class SafetyGame:
         turn lets a llama.cpp-style server reuse the cached prefix for all but the first.
         """
         help_q = self.policy.probes.helpfulness.question
+        refusal = texts[REFUSAL_INDEX]
 
-        async def one(text: str) -> list[Score]:
-            out = [await self.helpfulness.score(chat, text, help_q)]
+        async def read(scorer: Scorer, text: str, question: str, is_refusal: bool) -> Score:
+            # A relative scorer reads each reply against the refusal; the refusal against
+            # itself is an even match, so its margin is 0 by construction.
+            if not scorer.relative:
+                return await scorer.score(chat, text, question)
+            if is_refusal:
+                return Score(0.5, method="reference")
+            return await scorer.score_against(chat, text, refusal, question)
+
+        async def one(i: int) -> list[Score]:
+            is_ref = i == REFUSAL_INDEX
+            out = [await read(self.helpfulness, texts[i], help_q, is_ref)]
             for question in questions.values():
-                out.append(await self.harm.score(chat, text, question))
+                out.append(await read(self.harm, texts[i], question, is_ref))
             return out
 
         # Sampled replies first, the refusal last: with a followup scorer each reply's probes
         # should reach the slot that generated it before the refusal's probe takes a slot.
         order = [i for i in range(len(texts)) if i != REFUSAL_INDEX] + [REFUSAL_INDEX]
-        started = await asyncio.gather(*(one(texts[i]) for i in order))
+        started = await asyncio.gather(*(one(i) for i in order))
         rows = [started[order.index(i)] for i in range(len(texts))]
         harm = {name: [row[k + 1] for row in rows] for k, name in enumerate(questions)}
         return [row[0] for row in rows], harm

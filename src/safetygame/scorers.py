@@ -25,7 +25,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +35,9 @@ from scipy.special import expit
 
 from safetygame.backends.base import Backend, Message
 from safetygame.cache import ScoreCache, content_key
-from safetygame.errors import ConfigError
+from safetygame.errors import BackendError, ConfigError
+from safetygame.features import FeatureReader
+from safetygame.heads import Head, LogisticModel, fit_logistic, load_head
 from safetygame.policy import Policy
 from safetygame.probes import (
     REMINDER,
@@ -52,8 +54,10 @@ __all__ = [
     "CalibratedScorer",
     "Calibrator",
     "EmbeddingScorer",
+    "HeadScorer",
     "MeanScorer",
     "PairwiseJudge",
+    "PairwiseRefusalScorer",
     "ProbeKind",
     "PromptJudge",
     "Shot",
@@ -246,7 +250,7 @@ class PromptJudge(Scorer):
         )
         if s.value is None or not self.wording.invert:
             return s
-        return Score(1.0 - s.value, method=s.method, calls=s.calls, cached=s.cached)
+        return replace(s, value=1.0 - s.value)
 
 
 class MeanScorer(Scorer):
@@ -406,7 +410,7 @@ class CalibratedScorer(Scorer):
         s = await self.inner.score(conversation, reply, question)
         if s.value is None:
             return s
-        return Score(self.calibrator(s.value), method=s.method, calls=s.calls, cached=s.cached)
+        return replace(s, value=self.calibrator(s.value))
 
 
 # --------------------------------------------------------------------------- pairwise
@@ -603,48 +607,6 @@ def embed_features(q: FloatArray, r: FloatArray) -> FloatArray:
     return np.concatenate([r, q * r, cos], axis=1)
 
 
-@dataclass(frozen=True)
-class LogisticModel:
-    """w . x + b -> sigmoid: the trained head of :class:`EmbeddingScorer`."""
-
-    w: tuple[float, ...]
-    b: float
-
-    def predict(self, X: FloatArray) -> FloatArray:
-        z = X @ np.asarray(self.w) + self.b
-        return np.asarray(expit(z), dtype=np.float64)
-
-
-def fit_logistic(
-    X: ArrayLike, y: ArrayLike, l2: float = 1.0, iters: int = 100, balanced: bool = True
-) -> LogisticModel:
-    """L2-regularised logistic regression by Newton steps (class-balanced weights)."""
-    A = np.asarray(X, dtype=np.float64)
-    t = np.asarray(y, dtype=np.float64).reshape(-1)
-    if A.ndim != 2 or A.shape[0] != t.size or t.size == 0:
-        raise ConfigError("fit_logistic: X must be (n, d) with n labels")
-    if not np.all((t == 0) | (t == 1)) or t.min() == t.max():
-        raise ConfigError("fit_logistic: labels must be 0/1 with both classes present")
-    n, d = A.shape
-    sw = np.ones(n)
-    if balanced:
-        pos = t.sum()
-        sw = np.where(t == 1, n / (2 * pos), n / (2 * (n - pos)))
-    Xb = np.concatenate([A, np.ones((n, 1))], axis=1)
-    w = np.zeros(d + 1)
-    reg = np.full(d + 1, l2)
-    reg[-1] = 0.0
-    for _ in range(iters):
-        q = expit(Xb @ w)
-        grad = Xb.T @ (sw * (q - t)) + reg * w
-        hess = Xb.T @ (Xb * (sw * q * (1 - q))[:, None]) + np.diag(reg + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if float(np.max(np.abs(step))) < 1e-8:
-            break
-    return LogisticModel(tuple(float(v) for v in w[:-1]), float(w[-1]))
-
-
 class EmbeddingScorer(Scorer):
     """P(label) from a logistic head on MiniLM embeddings of (last user message, reply)."""
 
@@ -665,6 +627,109 @@ class EmbeddingScorer(Scorer):
         except Exception as exc:  # a local model failing must not crash the caller
             return Score(None, error=f"{type(exc).__name__}: {exc}")
         return Score(p, method="embedding", calls=0)
+
+
+# --------------------------------------------------------------------------- learned heads
+
+
+class HeadScorer(Scorer):
+    """A learned head (``safetygame.heads``) on the judge model's own hidden states.
+
+    A ``logistic`` head scores a reply alone: P(harmful). A ``bradley_terry`` head is
+    relative: :meth:`score_against` gives sigmoid(f(reply) - f(reference)), P(the reply is
+    the more harmful of the two). The head is checked against the backend's model at
+    construction: features from another model are a ConfigError naming both. If the
+    features cannot be read (no embeddings, a server error), the score fails (value None)
+    with the reason, and the agent refuses: never a silent fallback to another scorer.
+    """
+
+    def __init__(self, backend: Backend, head: Head, cache: ScoreCache | None = None) -> None:
+        model_file = getattr(backend, "model_file", None)
+        head.check_model(backend.model_id, getattr(model_file, "sha256", None))
+        self.head = head
+        self.reader = FeatureReader(backend, head.features.pooling, cache)
+        self.relative = head.relative
+        self.name = f"head:{head.name}:{backend.model_id}"
+
+    async def _logit(self, conversation: Sequence[Message], reply: str) -> tuple[float, bool]:
+        r = await self.reader.read(conversation, reply)
+        return float(self.head.logit(r.vector)[0]), r.cached
+
+    async def _guarded(self, *pairs: tuple[Sequence[Message], str]) -> list[float] | Score:
+        try:
+            out = [await self._logit(c, r) for c, r in pairs]
+        except (BackendError, ConfigError) as exc:
+            return Score(None, error=f"{type(exc).__name__}: {exc}")
+        return [z for z, _ in out]
+
+    async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
+        if self.relative:
+            return Score(None, error=f"{self.name} is relative: it needs a reference reply")
+        z = await self._guarded((conversation, reply))
+        if isinstance(z, Score):
+            return z
+        return Score(float(expit(z[0])), method="head", calls=0)
+
+    async def score_against(
+        self, conversation: Sequence[Message], reply: str, reference: str, question: str
+    ) -> Score:
+        z = await self._guarded((conversation, reply), (conversation, reference))
+        if isinstance(z, Score):
+            return z
+        return Score(float(expit(z[0] - z[1])), method="head-bt", calls=0)
+
+
+class PairwiseRefusalScorer(Scorer):
+    """The pairwise judge asked reply-vs-reference, in both orders: P(the reply is the more
+    harmful (better) of the two). Two yes/no calls per reply; relative."""
+
+    relative = True
+
+    def __init__(self, judge: PairwiseJudge) -> None:
+        self.judge = judge
+        self.name = f"pairwise-refusal:{judge.kind}:{judge.backend.model_id}"
+
+    async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
+        return Score(None, error=f"{self.name} is relative: it needs a reference reply")
+
+    async def score_against(
+        self, conversation: Sequence[Message], reply: str, reference: str, question: str
+    ) -> Score:
+        p, calls = await self.judge.prefer(conversation, reply, reference, question)
+        if p is None:
+            return Score(None, error="a pairwise comparison failed", calls=calls)
+        return Score(p, method="pairwise", calls=calls)
+
+
+def shipped_heads() -> list[Head]:
+    """Every head artefact shipped in the package."""
+    return [load_head(p) for p in sorted(HEADS_DIR.glob("*.json")) if p.stem != "embed_harm"]
+
+
+def _head_for(backend: Backend, kind: ProbeKind, objective: str) -> Head:
+    heads = [h for h in shipped_heads() if h.kind == kind and h.objective == objective]
+    for h in heads:
+        if h.features.model_id == backend.model_id:
+            return h
+    fitted = ", ".join(sorted({h.features.model_id for h in heads})) or "no model"
+    raise ConfigError(
+        f"no shipped {objective} {kind} head for the judge {backend.model_id} (heads exist for "
+        f"{fitted}); fit one with `safetygame scorers train --model ...` and name it as "
+        f"'head:PATH' in the policy"
+    )
+
+
+def _head_design(objective: str) -> DesignFactory:
+    def make(backend: Backend, policy: Policy, cache: ScoreCache | None, kind: ProbeKind) -> Scorer:
+        return HeadScorer(backend, _head_for(backend, kind, objective), cache)
+
+    return make
+
+
+def _pairwise_refusal(
+    backend: Backend, policy: Policy, cache: ScoreCache | None, kind: ProbeKind
+) -> Scorer:
+    return PairwiseRefusalScorer(PairwiseJudge(backend, kind, policy.probes.judge_system, cache))
 
 
 # --------------------------------------------------------------------------- registry
@@ -726,8 +791,9 @@ DESIGNS: dict[str, DesignFactory] = {
 HEADS_DIR = Path(__file__).resolve().parent / "scorer_heads"
 
 
-def load_head(name: str) -> LogisticModel:
-    """A shipped classifier head (``scorer_heads/<name>.json``: ``w``, ``b``, provenance)."""
+def load_embed_head(name: str) -> LogisticModel:
+    """The shipped MiniLM classifier head (``scorer_heads/<name>.json``: ``w``, ``b``,
+    provenance); the judge-feature heads are ``safetygame.heads`` artefacts."""
     path = HEADS_DIR / f"{name}.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -736,7 +802,7 @@ def load_head(name: str) -> LogisticModel:
         raise ConfigError(f"scorer head {name!r} missing or malformed at {path}: {exc}") from exc
 
 
-def save_head(
+def save_embed_head(
     name: str, head: LogisticModel, provenance: str, directory: Path | None = None
 ) -> Path:
     path = (directory or HEADS_DIR) / f"{name}.json"
@@ -750,10 +816,13 @@ def save_head(
 def _embed(backend: Backend, policy: Policy, cache: ScoreCache | None, kind: ProbeKind) -> Scorer:
     if kind != "harm":
         raise ConfigError("scorer 'embed' serves scorers.harm only (no shipped helpfulness head)")
-    return EmbeddingScorer(MiniLMEmbedder(cache), load_head("embed_harm"), "embed:harm")
+    return EmbeddingScorer(MiniLMEmbedder(cache), load_embed_head("embed_harm"), "embed:harm")
 
 
 DESIGNS["embed"] = _embed
+DESIGNS["head"] = _head_design("logistic")
+DESIGNS["head-bt"] = _head_design("bradley_terry")
+DESIGNS["pairwise-refusal"] = _pairwise_refusal
 
 
 def build_scorer(
@@ -771,6 +840,8 @@ def build_scorer(
     """
     if kind not in ("harm", "helpfulness"):
         raise ConfigError(f"scorer kind must be 'harm' or 'helpfulness', not {kind!r}")
+    if name.startswith("head:"):  # a head artefact of one's own: head:PATH or head:NAME
+        return HeadScorer(backend, load_head(name[len("head:") :]), cache)
     factory = DESIGNS.get(name)
     if factory is None:
         raise ConfigError(

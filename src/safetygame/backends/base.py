@@ -1,11 +1,14 @@
 """The one small interface between safetygame and a model.
 
-A backend has three abilities, all async:
+A backend has three abilities, all async, and a fourth that some backends have:
 
 - ``sample(messages, n, config)``: n candidate replies to a chat;
 - ``yes_no(messages)``: P(yes) of the model's next reply to a yes/no question, from token
   log-probabilities normalised over the Yes/No token variants (case, leading space);
-- ``loglik(messages, continuation)``: log-likelihood of a given assistant continuation.
+- ``loglik(messages, continuation)``: log-likelihood of a given assistant continuation;
+- ``hidden(messages)``: the model's final hidden states over the chat (as it would read it
+  before replying), pooled: the features learned scorers are fitted on. Backends without it
+  raise :class:`~safetygame.errors.BackendUnsupported`.
 
 Everything above this module (probes, agent, gateway, benchmarks) talks to models only
 through it.
@@ -19,7 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from safetygame.errors import ConfigError
+import numpy as np
+from numpy.typing import NDArray
+
+from safetygame.errors import BackendUnsupported, ConfigError
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -109,6 +115,36 @@ class LogLik:
         return self.logprob / max(self.n_tokens, 1)
 
 
+Pooling = Literal["last", "mean"]
+POOLINGS: tuple[Pooling, ...] = ("last", "mean")
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """Pooled final hidden states of one chat: ``vectors[pooling]`` for each pooling the
+    backend could compute (the embedded llama.cpp gives both from one pass; an embeddings
+    server gives the one it was started with)."""
+
+    vectors: Mapping[str, NDArray[np.float32]]
+    n_tokens: int
+
+    def get(self, pooling: str) -> NDArray[np.float32]:
+        if pooling not in self.vectors:
+            raise BackendUnsupported(
+                f"no {pooling!r}-pooled hidden states here (the server gives "
+                f"{', '.join(sorted(self.vectors)) or 'none'})"
+            )
+        return self.vectors[pooling]
+
+
+def pool_hidden(tokens: NDArray[np.floating[Any]]) -> dict[str, NDArray[np.float32]]:
+    """Last-token and mean pooling of a (n_tokens, dim) matrix of per-token states."""
+    m = np.asarray(tokens, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] == 0 or not np.all(np.isfinite(m)):
+        raise ValueError("hidden states must be a non-empty, finite (n_tokens, dim) matrix")
+    return {"last": m[-1].astype(np.float32), "mean": m.mean(axis=0).astype(np.float32)}
+
+
 YES_WORDS = ("yes",)
 NO_WORDS = ("no",)
 
@@ -173,6 +209,13 @@ class Backend(ABC):
     @abstractmethod
     async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
         """log P(continuation | chat) as the assistant's reply."""
+
+    async def hidden(self, messages: Sequence[Message]) -> HiddenStates:
+        """Pooled final hidden states of the chat, as the model reads it before replying."""
+        raise BackendUnsupported(
+            f"backend {self.model_id!r} gives no hidden states (embeddings); use the embedded "
+            "llama.cpp backend or an OpenAI-compatible server with /v1/embeddings"
+        )
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections, servers, threads."""

@@ -12,6 +12,13 @@ llama.cpp keeps in RAM after they leave a slot, up to ``cache_ram_mib`` (llama.c
 8,192 MiB, when None; 0 turns it off). A long evaluation with the default model and 16 slots
 of 4,096 grows to about 12.5 GB resident for that reason; bound it on a small machine.
 
+Hidden states (``hidden``, the features of learned scorers): llama.cpp computes per-token
+states only in a context started with embeddings on, so the backend starts a second server
+on the same file the first time they are asked for (one slot, pooling ``none``), and pools
+the last token and the mean itself: both poolings from one pass. The weights are mmapped
+from the same file, so the second server costs its own KV cache and compute buffers, not a
+second copy of the model (measured in docs/probes.md).
+
 Standalone server (for tests, or to serve a packaged model to other programs)::
 
     python -m safetygame.backends.llamacpp --model smollm2-135m --port 8080
@@ -22,6 +29,7 @@ prints its base URL on the first line of stdout and serves until interrupted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import signal
@@ -29,15 +37,17 @@ import sys
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from safetygame.backends.base import (
     Backend,
     Completion,
+    HiddenStates,
     LogLik,
     Message,
     SamplingConfig,
     YesNo,
+    pool_hidden,
 )
 from safetygame.backends.openai_compat import OpenAICompatBackend
 from safetygame.errors import ConfigError, ModelNotInstalledError
@@ -49,6 +59,11 @@ INSTALL_HINT = "pip install 'safetygame[llama]'"
 MIN_SLOT_CTX = 512
 DEFAULT_SLOTS = 4  # parallel requests (llama.cpp slots)
 DEFAULT_THREADS = 2
+_POOLING = {
+    "none": "LLAMA_POOLING_TYPE_NONE",
+    "last": "LLAMA_POOLING_TYPE_LAST",
+    "mean": "LLAMA_POOLING_TYPE_MEAN",
+}
 
 
 class LlamaServer:
@@ -66,6 +81,8 @@ class LlamaServer:
         verbose: bool = False,
         poll: int = 50,
         cache_ram_mib: int | None = None,
+        embeddings: bool = False,
+        pooling: Literal["none", "last", "mean"] = "none",
     ) -> None:
         if n_parallel < 1:
             raise ConfigError("n_parallel must be >= 1")
@@ -98,6 +115,14 @@ class LlamaServer:
         p.cpuparams_batch.poll = poll
         if cache_ram_mib is not None:
             p.cache_ram_mib = cache_ram_mib
+        if pooling not in _POOLING:
+            raise ConfigError(f"pooling must be one of {sorted(_POOLING)}, not {pooling!r}")
+        if embeddings:
+            # pooling none: per-token states, pooled by the caller (/embeddings); last or
+            # mean: pooled by llama.cpp (/v1/embeddings). A whole prompt must fit one ubatch.
+            p.embedding = True
+            p.pooling_type = getattr(xllamacpp.llama_pooling_type, _POOLING[pooling])
+            p.n_batch = p.n_ubatch = n_ctx * n_parallel
         p.warmup = False
         p.hostnames = [host]
         p.port = port
@@ -153,7 +178,10 @@ class EmbeddedLlamaBackend(Backend):
         verify: bool = False,
         verbose: bool = False,
         cache_ram_mib: int | None = None,
+        hidden_ctx: int = 2048,
     ) -> None:
+        if hidden_ctx < MIN_SLOT_CTX:
+            raise ConfigError(f"hidden_ctx must be >= {MIN_SLOT_CTX}")
         self.model_file = resolve_model(model, verify=verify)
         self.server = LlamaServer(
             self.model_file,
@@ -175,6 +203,35 @@ class EmbeddedLlamaBackend(Backend):
             yes_no_samples=yes_no_samples,
         )
         self.stats = self.client.stats
+        self._threads = threads
+        self._timeout = timeout
+        self._hidden_ctx = hidden_ctx
+        self._embed_server: LlamaServer | None = None
+        self._embed_client: OpenAICompatBackend | None = None
+        self._embed_lock = asyncio.Lock()
+
+    async def _embedder(self) -> OpenAICompatBackend:
+        async with self._embed_lock:
+            if self._embed_client is None:
+                server = await asyncio.to_thread(
+                    LlamaServer,
+                    self.model_file,
+                    n_parallel=1,
+                    n_ctx=self._hidden_ctx,
+                    threads=self._threads,
+                    embeddings=True,
+                )
+                self._embed_server = server
+                self._embed_client = OpenAICompatBackend(
+                    server.address, model_id=self.model_id, timeout=self._timeout,
+                    max_concurrency=1,
+                )  # fmt: skip
+            return self._embed_client
+
+    async def hidden(self, messages: Sequence[Message]) -> HiddenStates:
+        text = await self.client.render(messages)
+        states = await (await self._embedder()).token_states(text)
+        return HiddenStates(pool_hidden(states), n_tokens=int(states.shape[0]))
 
     @property
     def address(self) -> str:
@@ -193,6 +250,10 @@ class EmbeddedLlamaBackend(Backend):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self._embed_client is not None:
+            await self._embed_client.aclose()
+        if self._embed_server is not None:
+            self._embed_server.close()
         self.server.close()
 
 
@@ -214,6 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="MIB",
         help="prompt states kept in RAM (llama.cpp default 8192; 0 = off)",
     )
+    ap.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="serve hidden states too (/v1/embeddings), for learned scorers",
+    )
+    ap.add_argument("--pooling", choices=["last", "mean", "none"], default="last")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -226,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             verbose=args.verbose,
             cache_ram_mib=args.cache_ram,
+            embeddings=args.embeddings,
+            pooling=args.pooling,
         )
     except (ConfigError, ModelNotInstalledError) as exc:
         print(f"error: {exc}", file=sys.stderr)

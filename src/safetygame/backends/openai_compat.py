@@ -16,6 +16,12 @@
   ``completion_probabilities``; its log-probability is read from the top candidates at its
   position instead (1,000 first, the whole vocabulary if it is not among them: ~12 s and
   14 MB for Qwen2.5's 151,936 tokens). Other servers raise BackendUnsupported.
+- ``hidden``: the chat rendered by the server's own chat template (llama.cpp's
+  ``/apply-template``; a plain ``role: content`` rendering where the server has none), sent to
+  ``/v1/embeddings`` of ``embeddings_url`` (default: this server). The server decides the
+  pooling (llama.cpp ``--embeddings --pooling last|mean``, vLLM's pooler), so the caller
+  states it as ``embeddings_pooling``; a server without the endpoint raises
+  BackendUnsupported naming the URL.
 
 Transport errors are retried with exponential backoff and full jitter (429, 5xx, connect
 errors; ``Retry-After`` is honoured), then mapped to the BackendError tree with ``from exc``.
@@ -36,13 +42,16 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
+import numpy as np
 
 from safetygame.backends.base import (
     Backend,
     BackendStats,
     Completion,
+    HiddenStates,
     LogLik,
     Message,
+    Pooling,
     SamplingConfig,
     YesNo,
     yes_no_from_top_logprobs,
@@ -507,6 +516,8 @@ class OpenAICompatBackend(Backend):
         model_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         seed: int | None = None,
+        embeddings_url: str | None = None,
+        embeddings_pooling: Pooling = "last",
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
@@ -532,6 +543,22 @@ class OpenAICompatBackend(Backend):
         self._rng = random.Random(seed)
         self._state: _LoopState | None = None
         self._closed = False
+        if embeddings_pooling not in ("last", "mean"):
+            raise ConfigError("embeddings_pooling must be 'last' or 'mean'")
+        self.embeddings_pooling: Pooling = embeddings_pooling
+        self._embedder: OpenAICompatBackend | None = None
+        if embeddings_url is not None and embeddings_url.rstrip("/") != base_url.rstrip("/"):
+            self._embedder = OpenAICompatBackend(
+                embeddings_url,
+                model,
+                api_key,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                max_retries=max_retries,
+                max_concurrency=max_concurrency,
+                model_id=self.model_id,
+            )
+        self._templates: bool | None = None  # does the server render chats (/apply-template)?
 
     # -- transport -------------------------------------------------------------------------
 
@@ -809,6 +836,72 @@ class OpenAICompatBackend(Backend):
                 break
         raise BackendProtocolError(f"token {at} (id {want}) is not among the model's candidates")
 
+    async def render(self, messages: Sequence[Message]) -> str:
+        """The chat as the model reads it before replying: the server's own chat template
+        where it has one (llama.cpp's ``/apply-template``, detected once), else ``role:
+        content`` lines."""
+        if not messages:
+            raise ConfigError("messages must not be empty")
+        if self._templates is not False:
+            try:
+                body = await self._post(
+                    "/apply-template", {"messages": [m.to_dict() for m in messages]}
+                )
+            except BackendUnsupported:
+                self._templates = False
+            else:
+                prompt = _get(body, "prompt")
+                if not isinstance(prompt, str):
+                    raise BackendProtocolError("/apply-template returned no prompt")
+                self._templates = True
+                return prompt
+        return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+    async def hidden(self, messages: Sequence[Message]) -> HiddenStates:
+        target = self._embedder or self
+        text = await self.render(messages)
+        payload: dict[str, Any] = {"input": text, "encoding_format": "float"}
+        if self.model is not None:
+            payload["model"] = self.model
+        try:
+            body = await target._post("/v1/embeddings", payload)
+        except BackendUnsupported as exc:
+            raise BackendUnsupported(
+                f"{target.root_url}/v1/embeddings is not served ({exc}); start the server with "
+                "embeddings on (llama.cpp: --embeddings --pooling last) or pass embeddings_url"
+            ) from exc
+        vec = _get(body, "data", 0, "embedding")
+        if not isinstance(vec, list) or not vec:
+            raise BackendProtocolError(f"{target.root_url}/v1/embeddings returned no vector")
+        try:
+            arr = np.asarray(vec, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise BackendProtocolError("/v1/embeddings returned a non-numeric vector") from exc
+        if arr.ndim != 1 or not np.all(np.isfinite(arr)):
+            raise BackendProtocolError(
+                "/v1/embeddings returned a non-finite or nested vector (a server started with "
+                "--pooling none gives per-token states: use last or mean)"
+            )
+        n_tokens = _count(body, "usage", "prompt_tokens")
+        self.stats.prompt_tokens += n_tokens
+        return HiddenStates({self.embeddings_pooling: arr.astype(np.float32)}, n_tokens)
+
+    async def token_states(self, text: str) -> np.ndarray:
+        """Per-token final hidden states of ``text``, (n_tokens, dim), from llama.cpp's native
+        ``/embeddings`` on a server started with embeddings on and pooling ``none``."""
+        body = await self._post("/embeddings", {"content": text})
+        rows = _get(body, 0, "embedding")
+        try:
+            arr = np.asarray(rows, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise BackendProtocolError("/embeddings returned ragged or non-numeric rows") from exc
+        if arr.ndim != 2 or arr.shape[0] == 0 or not np.all(np.isfinite(arr)):
+            raise BackendProtocolError(
+                "/embeddings did not return finite per-token states (is pooling 'none'?)"
+            )
+        self.stats.prompt_tokens += arr.shape[0]
+        return arr
+
     def _count_completion(self, body: Any, n_tokens: int) -> None:
         self.stats.prompt_tokens += _count(body, "tokens_evaluated")
         self.stats.cached_prompt_tokens += _count(body, "timings", "cache_n")
@@ -816,6 +909,8 @@ class OpenAICompatBackend(Backend):
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._embedder is not None:
+            await self._embedder.aclose()
         state, self._state = self._state, None
         if state is not None and not state.loop.is_closed():
             # a client from another (finished) loop may refuse; its sockets are gone anyway

@@ -26,6 +26,7 @@ def _register() -> None:
         cache,
         eval_probes,
         models,
+        scorers,
         serve,
         solve,
     )

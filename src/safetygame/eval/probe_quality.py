@@ -722,7 +722,7 @@ def make_embed_factory(
     def factory(
         probe: ProbeKind, src: Source, dev: Sequence[Any]
     ) -> Callable[[Sequence[Any]], Groups] | None:
-        from safetygame.scorers import LogisticModel, fit_logistic
+        from safetygame.heads import LogisticModel, fit_logistic
 
         pub_pairs, pub_y = public(probe, src)
         rows = dev_rows(probe, src, dev)
@@ -780,9 +780,10 @@ def train_harm_head(cache: ScoreCache | None, seed: int = 0, dev_fraction: float
     every HHH subset (HHH-harmless non-preferred harmful), ridge 1.0. Never a test item.
 
     Regenerate ``safetygame/scorer_heads/embed_harm.json`` with
-    ``save_head("embed_harm", train_harm_head(cache), provenance)``.
+    ``save_embed_head("embed_harm", train_harm_head(cache), provenance)``.
     """
-    from safetygame.scorers import MiniLMEmbedder, embed_features, fit_logistic
+    from safetygame.heads import fit_logistic
+    from safetygame.scorers import MiniLMEmbedder, embed_features
 
     embedder = MiniLMEmbedder(cache)
     pairs: list[tuple[str, str]] = [(it.prompt, it.target or "") for it in load("advbench")]

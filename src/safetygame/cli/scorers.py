@@ -1,0 +1,346 @@
+"""``safetygame scorers``: list the scorer designs, fit learned heads, measure them on test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from safetygame.cli import main
+from safetygame.cli._common import (
+    backend_options,
+    cache_option,
+    clean_errors,
+    fail,
+    format_table,
+    json_option,
+    open_backend,
+    policy_option,
+    print_json,
+    progress_option,
+    show_progress,
+    to_jsonable,
+)
+from safetygame.errors import ConfigError
+from safetygame.policy import load_policy
+
+QUALITY_FILE = "quality.json"
+
+# What each design costs per reply scored, in judge calls (docs/probes.md measures them).
+COSTS: dict[str, str] = {
+    "self": "1 yes/no call",
+    "plain": "1 yes/no call",
+    "followup": "1 yes/no call (cached prefix)",
+    "rule": "1 yes/no call",
+    "comply": "1 yes/no call",
+    "safe": "1 yes/no call",
+    "refuses": "1 yes/no call",
+    "both": "2 yes/no calls",
+    "para3": "3 yes/no calls",
+    "embed": "0 calls (MiniLM pass)",
+    "head": "1 hidden-state read (no decoding)",
+    "head-bt": "1 hidden-state read (+1 for the refusal, once per prompt)",
+    "pairwise-refusal": "2 yes/no calls (both orders vs the refusal)",
+}
+
+
+@main.group()
+def scorers() -> None:
+    """Scorer designs and learned heads."""
+
+
+def _open_cache(path: Path | None) -> Any:
+    from safetygame.cache import ScoreCache
+
+    return ScoreCache(path) if path is not None else ScoreCache()
+
+
+def _f(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
+@scorers.command("list")
+@json_option
+@clean_errors
+def list_cmd(as_json: bool) -> None:
+    """Every design a policy can name, with its artefact, cost and measured quality."""
+    from safetygame.heads import HEADS_DIR
+    from safetygame.scorers import DESIGNS, shipped_heads
+
+    quality: dict[str, Any] = {}
+    qfile = HEADS_DIR / QUALITY_FILE
+    if qfile.is_file():
+        quality = json.loads(qfile.read_text(encoding="utf-8")).get("heads", {})
+    rows: list[dict[str, Any]] = []
+    heads = shipped_heads()
+    for name in sorted(DESIGNS):
+        objective = {"head": "logistic", "head-bt": "bradley_terry"}.get(name)
+        arts = [h for h in heads if h.objective == objective] if objective else []
+        if not arts:
+            rows.append({"design": name, "artefact": None, "cost": COSTS.get(name, "-")})
+            continue
+        for h in arts:
+            q = quality.get(h.name, {})
+            rows.append(
+                {
+                    "design": name,
+                    "artefact": f"{h.name} ({h.features.model_id}, {h.features.pooling})",
+                    "cost": COSTS[name],
+                    "dev": h.quality.get("dev", {}).get("dev_score"),
+                    "hhh_harmless_pair_acc": q.get("hhh_harmless_test", {}).get("pair_acc"),
+                    "xstest_auroc": q.get("xstest_complying_vs_refusal", {}).get("auroc"),
+                }
+            )
+    if as_json:
+        print_json({"designs": rows, "quality_file": str(qfile)})
+        return
+    click.echo(
+        format_table(
+            [
+                "design",
+                "artefact",
+                "cost per reply",
+                "dev",
+                "HHH harmless pair acc",
+                "XSTest AUROC",
+            ],
+            [
+                [
+                    r["design"],
+                    r["artefact"] or "-",
+                    r["cost"],
+                    _f(r.get("dev")),
+                    _f(r.get("hhh_harmless_pair_acc")),
+                    _f(r.get("xstest_auroc")),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    click.echo("\nPrompt designs: quality per source in docs/probes.md (safetygame eval probes).")
+
+
+@scorers.command("train")
+@backend_options
+@policy_option
+@cache_option
+@click.option(
+    "--recipe",
+    type=click.Choice(["default", "tiny"]),
+    default="default",
+    show_default=True,
+    help="How many rows of each source to fit on (tiny: the CI-sized slice).",
+)
+@click.option(
+    "--xstest-limit",
+    type=click.IntRange(1),
+    default=None,
+    help="Use only the first N XSTest dev prompts.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("results/heads"),
+    show_default=True,
+    help="Folder for the artefacts (the shipped ones live in src/safetygame/scorer_heads).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Compare with the artefacts already in --out byte for byte; exit 1 if any differs.",
+)
+@progress_option
+@json_option
+@clean_errors
+def train_cmd(
+    model: str | None,
+    upstream: str | None,
+    api_key: str | None,
+    policy_ref: str | None,
+    cache_path: Path | None,
+    recipe: str,
+    xstest_limit: int | None,
+    out: Path,
+    check: bool,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Fit the learned harm heads on the judge's hidden states (seeded; docs/probes.md)."""
+    from safetygame.eval.head_data import Recipe
+    from safetygame.eval.train_heads import train_heads
+
+    policy = load_policy(policy_ref)
+    cache = _open_cache(cache_path)
+    rec = Recipe.tiny() if recipe == "tiny" else Recipe()
+
+    async def run() -> Any:
+        backend = open_backend(model, upstream, api_key, parallel=1)
+        try:
+            return await train_heads(
+                backend,
+                policy,
+                cache,
+                rec,
+                xstest_limit=xstest_limit,
+                progress=show_progress(progress, as_json),
+            )
+        finally:
+            await backend.aclose()
+
+    result = asyncio.run(run())
+    written, differs = [], []
+    for head in result.heads:
+        path = out / f"{head.name}.json"
+        if check:
+            old = path.read_text(encoding="utf-8") if path.is_file() else None
+            if old != head.to_json():
+                differs.append(str(path))
+            continue
+        written.append(str(head.save(path)))
+    summary = {
+        "heads": [
+            {
+                "name": h.name,
+                "objective": h.objective,
+                "pooling": h.features.pooling,
+                "ridge": h.ridge,
+                "dev": h.quality.get("dev"),
+            }
+            for h in result.heads
+        ],
+        "rows": result.n_rows,
+        "notes": result.notes,
+        "grid": result.grid,
+        "seconds": result.seconds,
+        "written": written,
+        "differs": differs if check else None,
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        for h in summary["heads"]:
+            dev = h["dev"] or {}
+            click.echo(
+                f"{h['name']}: {h['objective']}, pooling {h['pooling']}, ridge {h['ridge']:g}, "
+                f"dev score {_f(dev.get('dev_score'))} (hh-rlhf dev pair acc "
+                f"{_f(dev.get('hh_dev_pair_acc'))}, cv {_f(dev.get('cv'))})"
+            )
+        click.echo(f"{result.n_rows} training replies; {result.seconds:.0f} s")
+        for w in written:
+            click.echo(f"wrote {w}")
+    if check and differs:
+        fail(f"differs from the artefact on disk: {', '.join(differs)}", 1)
+    elif check and not as_json:
+        click.echo("identical to the artefacts on disk")
+
+
+@scorers.command("evaluate")
+@backend_options
+@policy_option
+@cache_option
+@click.option(
+    "--head",
+    "head_refs",
+    multiple=True,
+    help="Head name or artefact path [default: the shipped heads of the model].",
+)
+@click.option("--xstest-limit", type=click.IntRange(1), default=None)
+@click.option(
+    "--save-quality",
+    is_flag=True,
+    help="Write the report next to the shipped heads (what `scorers list` shows).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the JSON report here.",
+)
+@progress_option
+@json_option
+@clean_errors
+def evaluate_cmd(
+    model: str | None,
+    upstream: str | None,
+    api_key: str | None,
+    policy_ref: str | None,
+    cache_path: Path | None,
+    head_refs: tuple[str, ...],
+    xstest_limit: int | None,
+    save_quality: bool,
+    out: Path | None,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Measure heads once on the test sets: HHH harmless pairs, XSTest complying vs refusal."""
+    from safetygame.eval.train_heads import evaluate_heads
+    from safetygame.heads import HEADS_DIR, load_head
+    from safetygame.scorers import shipped_heads
+
+    policy = load_policy(policy_ref)
+    cache = _open_cache(cache_path)
+
+    async def run() -> dict[str, Any]:
+        backend = open_backend(model, upstream, api_key, parallel=1)
+        try:
+            heads = [load_head(r) for r in head_refs] or [
+                h for h in shipped_heads() if h.features.model_id == backend.model_id
+            ]
+            if not heads:
+                raise ConfigError(f"no shipped head for {backend.model_id}: pass --head")
+            for h in heads:
+                h.check_model(backend.model_id)
+            return await evaluate_heads(
+                backend,
+                heads,
+                policy,
+                cache,
+                xstest_limit=xstest_limit,
+                progress=show_progress(progress, as_json),
+            )
+        finally:
+            await backend.aclose()
+
+    report = asyncio.run(run())
+    text = json.dumps(to_jsonable(report), indent=1, sort_keys=True) + "\n"
+    for path in ([out] if out else []) + ([HEADS_DIR / QUALITY_FILE] if save_quality else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    if as_json:
+        print_json(report)
+        return
+    rows = []
+    for name, r in report["heads"].items():
+        h, x = r["hhh_harmless_test"], r["xstest_complying_vs_refusal"]
+        rows.append(
+            [
+                name,
+                f"{_f(h['pair_acc'])} [{_f((h['pair_acc_ci'] or [None])[0])}, "
+                f"{_f((h['pair_acc_ci'] or [None, None])[1])}]",
+                f"{_f(h['auroc'])} [{_f(h['auroc_ci'][0])}, {_f(h['auroc_ci'][1])}]",
+                _f(h["ece_platt_dev"]),
+                f"{_f(x['auroc'])} [{_f(x['auroc_ci'][0])}, {_f(x['auroc_ci'][1])}]",
+            ]
+        )
+    click.echo(
+        format_table(
+            [
+                "head",
+                "HHH harmless pair acc [95% CI]",
+                "HHH harmless AUROC [95% CI]",
+                "ECE (Platt on dev)",
+                "XSTest complying vs refusal AUROC [95% CI]",
+            ],
+            rows,
+        )
+    )
+    click.echo(
+        f"{report['hhh_harmless']['test_items']} HHH harmless test items, "
+        f"{report['xstest']['complying']} complying answers to "
+        f"{report['xstest']['test_prompts']} XSTest test prompts; "
+        f"{report['read_seconds']:.0f} s reading, {report['cache_misses']} cache misses"
+    )

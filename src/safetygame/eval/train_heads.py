@@ -1,0 +1,338 @@
+"""Fit learned harm heads (``safetygame scorers train``) and measure them once on test
+(``safetygame scorers evaluate``).
+
+**Fitting.** The judge reads every row of the training set (``eval.head_data.training_set``)
+once; both poolings come from that one pass. For each objective (``logistic``,
+``bradley_terry``), pooling (``last``, ``mean``) and ridge strength in :data:`RIDGES`, a dev
+score is computed from training-side data only: the mean of (a) the pair accuracy on the
+hh-rlhf *dev* pairs and (b) a 3-fold cross-validated score on the training rows, folds
+grouped by conversation (AUROC of the logistic head on held-out points, pair accuracy of the
+Bradley-Terry head on held-out pairs). The best cell (ties: the larger ridge, the simpler
+fit) is refitted on all training rows and written as an artefact. No benchmark test item is
+read while fitting or choosing.
+
+**Measuring.** :func:`evaluate_heads` reads the test sets once: HHH harmless test options
+(the ``eval probes`` split) and XSTest harness-test complying answers against the policy
+refusal. It reports pair accuracy and AUROC with 95% bootstrap intervals (whole questions
+resampled), ECE after a Platt fit on HHH harmless dev options, and the reading cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import expit
+from tqdm import tqdm
+
+from safetygame.backends.base import Backend
+from safetygame.cache import ScoreCache
+from safetygame.errors import BackendUnsupported, ConfigError
+from safetygame.eval import head_data as hd
+from safetygame.eval.datasets import data_root
+from safetygame.eval.probe_quality import (
+    SOURCES,
+    auroc,
+    bootstrap_auroc,
+    ece,
+    group_split,
+    pairwise_accuracy,
+)
+from safetygame.features import MAX_CHARS, PROMPT_VERSION, FeatureReader
+from safetygame.heads import FeatureSpec, Head, Objective, fit_head
+from safetygame.policy import Policy
+from safetygame.scorers import fit_platt
+
+__all__ = ["RIDGES", "evaluate_heads", "read_features", "train_heads"]
+
+FloatArray = NDArray[np.float64]
+RIDGES = (1.0, 10.0, 100.0, 1000.0)
+OBJECTIVES: tuple[Objective, ...] = ("logistic", "bradley_terry")
+POOLINGS = ("last", "mean")
+
+
+async def read_features(
+    backend: Backend,
+    rows: Sequence[hd.Row],
+    cache: ScoreCache | None,
+    *,
+    progress: bool = True,
+    desc: str = "judge reads",
+) -> dict[str, FloatArray]:
+    """pooling -> (n, dim) features; a pooling the backend does not give is left out."""
+    out: dict[str, FloatArray] = {}
+    pairs = [(r.conversation, r.reply) for r in rows]
+    # The first pooling reads the model (both poolings are cached from that pass); the
+    # second comes from the cache.
+    bar = tqdm(total=len(rows), desc=desc, unit="reply", disable=not progress)
+    try:
+        for k, pooling in enumerate(POOLINGS):
+            reader = FeatureReader(backend, pooling, cache)
+            try:
+                out[pooling] = await reader.matrix(
+                    pairs, concurrency=1, progress=bar if k == 0 else None
+                )
+            except BackendUnsupported:
+                continue  # an embeddings server gives one pooling only
+    finally:
+        bar.close()
+    if not out:
+        raise BackendUnsupported(f"{backend.model_id} gives no pooled hidden states")
+    return out
+
+
+def _fold(conv_text: str, k: int = 3) -> int:
+    return int(hashlib.sha256(f"fold\x00{conv_text}".encode()).hexdigest(), 16) % k
+
+
+def _pair_acc(z: FloatArray, pairs: Sequence[tuple[int, int]]) -> float:
+    if not pairs:
+        return float("nan")
+    d = np.array([z[a] - z[b] for a, b in pairs])
+    return float(np.mean(np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0))))
+
+
+def _logits(X: FloatArray, params: tuple[Any, ...]) -> FloatArray:
+    mu, sigma, w, b = (np.asarray(p, dtype=np.float64) for p in params)
+    return np.asarray(((X - mu) / sigma) @ w + b, dtype=np.float64)
+
+
+def _cv_score(X: FloatArray, train: hd.LabelledSet, objective: Objective, ridge: float) -> float:
+    folds = np.array([_fold(r.conversation[-1].content) for r in train.rows])
+    scores = []
+    for k in range(3):
+        if objective == "logistic":
+            fit_pts = [(i, y) for i, y in train.points if folds[i] != k]
+            held = [(i, y) for i, y in train.points if folds[i] == k]
+            ys = {y for _, y in fit_pts}
+            if len(ys) < 2 or len({y for _, y in held}) < 2:
+                continue
+            z = _logits(X, fit_head(X, objective=objective, ridge=ridge, points=fit_pts))
+            scores.append(auroc([z[i] for i, _ in held], [y for _, y in held]))
+        else:
+            fit_pairs = [(a, b) for a, b in train.pairs if folds[a] != k]
+            held_pairs = [(a, b) for a, b in train.pairs if folds[a] == k]
+            if not fit_pairs or not held_pairs:
+                continue
+            z = _logits(X, fit_head(X, objective=objective, ridge=ridge, pairs=fit_pairs))
+            scores.append(_pair_acc(z, held_pairs))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _model_sha(backend: Backend) -> str:
+    model_file = getattr(backend, "model_file", None)
+    sha = getattr(model_file, "sha256", None)
+    return str(sha) if sha else "unknown"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    heads: tuple[Head, ...]
+    grid: tuple[dict[str, Any], ...]
+    notes: dict[str, int]
+    n_rows: int
+    seconds: float
+
+
+async def train_heads(
+    backend: Backend,
+    policy: Policy,
+    cache: ScoreCache,
+    recipe: hd.Recipe,
+    *,
+    xstest_limit: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fit one head per objective, chosen on dev (module doc); nothing is written."""
+    t0 = time.perf_counter()
+    train, dev = hd.training_set(recipe, policy, cache, backend.model_id, xstest_limit=xstest_limit)
+    if not train.pairs or len({y for _, y in train.points}) < 2:
+        raise ConfigError(
+            "the training set has no preference pairs or only one class of labels: the score "
+            "cache lacks the XSTest candidates (safetygame cache import resume/xstest.jsonl.gz) "
+            "or the recipe is too small"
+        )
+    feats = await read_features(backend, train.rows + dev.rows, cache, progress=progress)
+    n = len(train.rows)
+    grid: list[dict[str, Any]] = []
+    for pooling, F in feats.items():
+        X, Xdev = F[:n], F[n:]
+        dev_pairs = [(a + n, b + n) for a, b in dev.pairs]
+        for objective in OBJECTIVES:
+            for ridge in RIDGES:
+                params = fit_head(
+                    X, objective=objective, ridge=ridge, points=train.points, pairs=train.pairs
+                )
+                z = _logits(np.concatenate([X, Xdev]), params)
+                hh = _pair_acc(z, dev_pairs)
+                cv = _cv_score(X, train, objective, ridge)
+                grid.append(
+                    {
+                        "objective": objective,
+                        "pooling": pooling,
+                        "ridge": ridge,
+                        "hh_dev_pair_acc": hh,
+                        "cv": cv,
+                        "dev_score": float(np.nanmean([hh, cv])),
+                    }
+                )
+    data = data_root()
+    provenance = {
+        "recipe": asdict(recipe),
+        "xstest_limit": xstest_limit,
+        "rows": n,
+        "points": len(train.points),
+        "pairs": len(train.pairs),
+        "notes": train.notes | dev.notes,
+        "data_sha256": {
+            rel: _sha256(data / rel)
+            for rel in (
+                "hh-rlhf/harmless-base-test.jsonl.gz",
+                "advbench/harmful_behaviors.csv",
+                "xstest/xstest_prompts.csv",
+            )
+        },
+        "policy_refusal_sha256": hashlib.sha256(policy.refusal.encode()).hexdigest(),
+        "ridges": list(RIDGES),
+    }
+    model_name = backend.model_id.split("@", 1)[0]
+    heads = []
+    for objective in OBJECTIVES:
+        cells = [g for g in grid if g["objective"] == objective]
+        best = max(cells, key=lambda g: (round(g["dev_score"], 6), g["ridge"]))
+        F = feats[best["pooling"]][:n]
+        mu, sigma, w, b = fit_head(
+            F, objective=objective, ridge=best["ridge"], points=train.points, pairs=train.pairs
+        )
+        short = "bt" if objective == "bradley_terry" else "logistic"
+        heads.append(
+            Head(
+                name=f"{model_name}-harm-{short}",
+                kind="harm",
+                objective=objective,
+                features=FeatureSpec(
+                    model_id=backend.model_id,
+                    model_sha256=_model_sha(backend),
+                    pooling=best["pooling"],
+                    prompt=f"{PROMPT_VERSION}/{MAX_CHARS}",
+                    dim=int(F.shape[1]),
+                ),
+                mu=mu,
+                sigma=sigma,
+                w=w,
+                b=b,
+                ridge=float(best["ridge"]),
+                training=provenance,
+                quality={"dev": best},
+            )
+        )
+    return TrainResult(
+        tuple(heads), tuple(grid), train.notes | dev.notes, n, time.perf_counter() - t0
+    )
+
+
+# --------------------------------------------------------------------------- test report
+
+
+def _metrics(
+    groups: list[tuple[list[float], list[float]]], platt_dev: tuple[list[float], list[float]]
+) -> dict[str, Any]:
+    a, lo, hi = bootstrap_auroc(groups, n_resamples=1000, seed=0)
+    accs = [pairwise_accuracy(s, y, higher=True) for s, y in groups]
+    accs = [x for x in accs if np.isfinite(x)]
+    rng = np.random.default_rng(0)
+    boots = (
+        [float(np.mean(rng.choice(accs, len(accs), replace=True))) for _ in range(1000)]
+        if accs
+        else []
+    )
+    flat_s = [v for s, _ in groups for v in s]
+    flat_y = [v for _, y in groups for v in y]
+    ece_platt = None
+    if platt_dev[0] and len(set(platt_dev[1])) == 2:
+        cal = fit_platt(expit(np.array(platt_dev[0])), platt_dev[1])
+        ece_platt = ece(cal.apply(expit(np.array(flat_s))), flat_y)
+    return {
+        "n_groups": len(groups),
+        "n_replies": len(flat_s),
+        "auroc": a,
+        "auroc_ci": [lo, hi],
+        "pair_acc": float(np.mean(accs)) if accs else None,
+        "pair_acc_ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+        if boots
+        else None,
+        "ece_platt_dev": ece_platt,
+    }
+
+
+async def evaluate_heads(
+    backend: Backend,
+    heads: Sequence[Head],
+    policy: Policy,
+    cache: ScoreCache,
+    *,
+    xstest_limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Test-set quality of each head (module doc); reads each test reply once."""
+    hhh = SOURCES["hhh-harmless"].load()
+    hhh_dev, hhh_test = group_split(hhh, 0.4, 0)
+    dev_set, dev_groups = hd.hhh_harmless_rows(hhh_dev)
+    test_set, test_groups = hd.hhh_harmless_rows(hhh_test)
+    _, xs_test = hd.xstest_split()
+    if xstest_limit is not None:
+        xs_test = xs_test[:xstest_limit]
+    xs = hd.xstest_rows(xs_test, policy, cache, backend.model_id, safe_prompts=False)
+    used = sorted({i for pair in xs.pairs for i in pair})
+    xs_rows = [xs.rows[i] for i in used]
+    pos = {i: k for k, i in enumerate(used)}
+    rows = dev_set.rows + test_set.rows + xs_rows
+    misses0 = cache.misses
+    t0 = time.perf_counter()
+    feats = await read_features(backend, rows, cache, progress=progress, desc="test reads")
+    seconds = time.perf_counter() - t0
+    n_dev, n_test = len(dev_set.rows), len(test_set.rows)
+    report: dict[str, Any] = {
+        "model_id": backend.model_id,
+        "hhh_harmless": {"dev_items": len(hhh_dev), "test_items": len(hhh_test)},
+        "xstest": {"test_prompts": len(xs_test), "complying": len(xs.pairs)},
+        "read_seconds": seconds,
+        "cache_misses": cache.misses - misses0,
+        "heads": {},
+    }
+    for head in heads:
+        F = feats[head.features.pooling]
+        z = head.logit(F)
+        zd, zt, zx = z[:n_dev], z[n_dev : n_dev + n_test], z[n_dev + n_test :]
+        platt = (
+            [float(zd[i]) for g in dev_groups for i, _ in g],
+            [y for g in dev_groups for _, y in g],
+        )
+        hhh_groups = [([float(zt[i]) for i, _ in g], [y for _, y in g]) for g in test_groups]
+        by_prompt: dict[tuple[Any, ...], tuple[list[float], list[float]]] = {}
+        for a, r in xs.pairs:
+            conv = xs.rows[a].conversation
+            s, y = by_prompt.setdefault(conv, ([float(zx[pos[r]])], [0.0]))
+            s.append(float(zx[pos[a]]))
+            y.append(1.0)
+        xs_groups = list(by_prompt.values())
+        report["heads"][head.name] = {
+            "objective": head.objective,
+            "pooling": head.features.pooling,
+            "hhh_harmless_test": _metrics(hhh_groups, platt),
+            "xstest_complying_vs_refusal": _metrics(xs_groups, ([], [])),
+            "xstest_pairs_above_refusal": _pair_acc(
+                np.asarray(zx), [(pos[a], pos[r]) for a, r in xs.pairs]
+            ),
+        }
+    return report
