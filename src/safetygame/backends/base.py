@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from safetygame.errors import ConfigError
+from safetygame.errors import BackendProtocolError, ConfigError
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -117,10 +117,13 @@ def yes_no_from_top_logprobs(top: Mapping[str, float]) -> tuple[float, float] | 
     """(p_yes, mass) from a next-token top-logprob table, or None if neither appears.
 
     Variants are pooled: "Yes", "yes", " YES", "▁Yes"... (case, leading whitespace or
-    sentencepiece marker, trailing punctuation).
+    sentencepiece marker, trailing punctuation). A log-probability that is NaN or above 0
+    (+inf included) is impossible: BackendProtocolError, never a reading.
     """
     p_yes = p_no = 0.0
     for token, lp in top.items():
+        if math.isnan(lp) or lp > 1e-6:
+            raise BackendProtocolError(f"invalid log-probability {lp!r} for token {token!r}")
         word = token.replace("\u2581", " ").replace("\u0120", " ").strip().strip(".,!:").lower()
         if word in YES_WORDS:
             p_yes += math.exp(lp)
