@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from safetygame.backends.base import Backend
 from safetygame.errors import ConfigError
 from safetygame.gateway.audit import AuditStore, audit_record, open_store
 from safetygame.gateway.auth import bearer_token
+from safetygame.gateway.http import HttpLimits
 from safetygame.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from safetygame.gateway.runtime import CURRENT_CLOCK, MeteredBackend, Tenants, UpstreamClock
 from safetygame.gateway.schemas import (
@@ -64,6 +65,7 @@ class GatewaySettings:
     decision_timeout: float = 120.0  # seconds; the agent refuses (status timeout) after it
     reload_interval: float = 1.0  # seconds between checks of the policy / tenants files
     max_decisions_page: int = 500
+    http: HttpLimits = field(default_factory=HttpLimits)  # connection limits (http.py)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
