@@ -296,7 +296,7 @@ def test_histogram_buckets_are_cumulative() -> None:
 
 
 def write_tenants(tmp_path: Path, policies: dict[str, Path]) -> tuple[Path, dict[str, str]]:
-    keys = {name: f"sg-test-key-{name}" for name in policies}
+    keys = {name: f"sg-test-key-{name}-{'x' * 32}" for name in policies}
     data = {
         "tenants": {
             name: {"policy": str(pol.name), "keys": [hash_key(keys[name])]}

@@ -95,7 +95,7 @@ def _backend(
     type=float,
     default=120.0,
     show_default=True,
-    help="Seconds until a decision fails safe (status timeout).",
+    help="Request deadline in seconds (body, decision, audit write; docs/gateway.md).",
 )
 @click.option(
     "--upstream-concurrency",
@@ -318,11 +318,13 @@ def export(since: str | None, fmt: str, url: str, as_json: bool) -> None:
 @main.command("hash-key")
 @click.argument("key", required=False)
 @json_option
+@clean_errors
 def hash_key_cmd(key: str | None, as_json: bool) -> None:
-    """Hash an API key for tenants.yml (a new random key when none is given)."""
-    from safetygame.gateway.auth import hash_key, new_key
+    """Hash an API key for tenants.yml (a new random key when none is given). Keys shorter
+    than 32 characters are refused."""
+    from safetygame.gateway.auth import check_key, hash_key, new_key
 
-    key = key or new_key()
+    key = new_key() if key is None else check_key(key)
     if as_json:
         print_json({"key": key, "hash": hash_key(key)})
     else:
