@@ -154,6 +154,13 @@ def _httptools_protocol(limits: HttpLimits) -> type[asyncio.Protocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if not self._in_head or len(data) <= self.limits.max_header_bytes - self._head_bytes:
+                # the common case, without copies: a body, or a head within the limit
+                if self._in_head:
+                    self._head_bytes += len(data)
+                if not self._rejected:
+                    super().data_received(data)
+                return
             view = memoryview(data)
             while view and not self._rejected:
                 if not self._in_head:
