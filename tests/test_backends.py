@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safetygame.backends.base import Backend, Message, SamplingConfig
+from safetygame.backends.base import Backend, Message, SamplingConfig, yes_no_from_top_logprobs
 from safetygame.backends.llamacpp import EmbeddedLlamaBackend
 from safetygame.backends.llamacpp import main as llamacpp_main
 from safetygame.backends.openai_compat import OpenAICompatBackend, RetryPolicy, parse_retry_after
@@ -377,6 +377,28 @@ async def test_yes_no_without_any_yes_or_no_is_a_protocol_error() -> None:
     with pytest.raises(BackendProtocolError, match="neither Yes nor No"):
         await double.backend(yes_no_samples=3).yes_no(CHAT)
     assert len(double.requests) == 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.5, 1000.0])
+@pytest.mark.parametrize("where", ["Yes", "No", "Maybe"])
+async def test_yes_no_rejects_impossible_logprobs(bad: float, where: str) -> None:
+    # NaN, +inf or > 0 anywhere in the table is a broken upstream, not a certain answer.
+    top = {"Yes": -0.7, "No": -0.7, "Maybe": -5.0, where: bad}
+    entries = [{"token": t, "logprob": lp} for t, lp in top.items()]
+    choice = {"index": 0, "message": {"role": "assistant", "content": "No"}}
+    choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
+    body = json.dumps({"choices": [choice]}).encode()  # NaN and Infinity as JS literals
+    double = ScriptedServerDouble(httpx.Response(200, content=body))
+    with pytest.raises(BackendProtocolError, match="invalid top logprob"):
+        await double.backend().yes_no(CHAT)
+    assert len(double.requests) == 1  # not retried, not read by sampling instead
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.5, 1000.0])
+def test_yes_no_from_top_logprobs_rejects_impossible_values(bad: float) -> None:
+    with pytest.raises(BackendProtocolError, match="invalid log-probability"):
+        yes_no_from_top_logprobs({"Yes": bad, "No": -0.1})
+    assert yes_no_from_top_logprobs({"Yes": float("-inf"), "No": 0.0}) == (0.0, 1.0)
 
 
 async def test_loglik_on_a_server_without_llamacpp_endpoints_is_unsupported() -> None:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from safetygame.agent import Status
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
 from safetygame.backends.openai_compat import OpenAICompatBackend
 from safetygame.bench.gateway import LoopbackUpstream, upstream_in_thread
@@ -33,6 +34,7 @@ from safetygame.gateway.app import GatewaySettings, create_app
 from safetygame.gateway.audit import SQLiteAuditStore, export_records, open_store
 from safetygame.gateway.auth import KeyRing, TenantsConfig, bearer_token, hash_key, load_tenants
 from safetygame.gateway.metrics import Histogram
+from safetygame.gateway.schemas import FAILURE_REASONS
 from safetygame.policy import load_policy, policy_yaml
 
 SECRET = "my-secret-prompt-7f3a"
@@ -296,7 +298,7 @@ def test_histogram_buckets_are_cumulative() -> None:
 
 
 def write_tenants(tmp_path: Path, policies: dict[str, Path]) -> tuple[Path, dict[str, str]]:
-    keys = {name: f"sg-test-key-{name}" for name in policies}
+    keys = {name: f"sg-test-key-{name}-{'x' * 32}" for name in policies}
     data = {
         "tenants": {
             name: {"policy": str(pol.name), "keys": [hash_key(keys[name])]}
@@ -546,12 +548,17 @@ async def _expect_fail_safe(
             assert r.status_code == 200
             sg = r.json()["safetygame"]
             assert sg["status"] in statuses and sg["action"] == "refuse"
-            assert sg["reason"]
             assert r.headers["x-safetygame-status"] == sg["status"]
             assert r.json()["choices"][0]["message"]["content"] == load_policy().refusal
-            # Recorded like any decision.
+            # The client gets a stable code and a generic message: no upstream URL or text.
+            code, message = FAILURE_REASONS[Status(sg["status"])]
+            assert sg["reason_code"] == code and sg["reason"] == message
+            host_port = url.removeprefix("http://").split("/")[0]
+            assert host_port not in r.text and "127.0.0.1" not in r.text
+            # Recorded like any decision, with the full reason.
             rec = (await client.http.get("/v1/safetygame/decisions")).json()["data"][0]
-            assert rec["status"] == sg["status"] and rec["reason"] == sg["reason"]
+            assert rec["status"] == sg["status"] and rec["reason_code"] == code
+            assert rec["reason"] and rec["reason"] != message
             m = parse_prometheus((await client.http.get("/metrics")).text)
             refusals = f'safetygame_refusals_total{{tenant="default",status="{sg["status"]}"}}'
             assert m[refusals] == 1

@@ -41,10 +41,11 @@ def _need_chromium() -> None:
 def test_dashboard_renders_decisions(tmp_path: Path) -> None:
     _need_chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
-    key = "sg-dashboard-key"
+    key = "sg-dashboard-key-0123456789abcdefghij"
+    other = "sg-other-key-0123456789abcdefghijklm"
     (tmp_path / "tenants.yml").write_text(
         f"tenants:\n  acme:\n    policy: default\n    keys: ['{hash_key(key)}']\n"
-        f"  other:\n    policy: default\n    keys: ['{hash_key('sg-other')}']\n"
+        f"  other:\n    policy: default\n    keys: ['{hash_key(other)}']\n"
     )
     with upstream_in_thread(latency=0.0) as up:
         backend = OpenAICompatBackend(up.url, max_retries=0)
@@ -76,7 +77,7 @@ def test_dashboard_renders_decisions(tmp_path: Path) -> None:
             httpx.post(
                 f"{url}/v1/chat/completions",
                 timeout=30,
-                headers={"authorization": "Bearer sg-other"},
+                headers={"authorization": f"Bearer {other}"},
                 json={"model": "safetygame", "messages": [{"role": "user", "content": "x"}]},
             )
 
@@ -111,3 +112,27 @@ def test_dashboard_renders_decisions(tmp_path: Path) -> None:
         import asyncio
 
         asyncio.run(backend.aclose())
+
+
+@pytest.mark.parametrize("fragment", ["#key=%E0%A4%A", "#key=%", "#key="])
+def test_malformed_key_fragment_does_not_leave_the_page_loading(
+    tmp_path: Path, fragment: str
+) -> None:
+    _need_chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    backend = OpenAICompatBackend("http://127.0.0.1:9/v1", max_retries=0)  # never called
+    settings = GatewaySettings(audit_url=f"sqlite:///{tmp_path / 'a.db'}")
+    with serve_in_thread(create_app(backend, settings)) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}/{fragment}")
+            status = page.locator("#status")
+            sync_api.expect(status).not_to_have_text("loading…", timeout=10_000)
+            assert "malformed" in status.inner_text()
+            assert not errors, errors
+            assert "key=" not in page.url  # whatever it held, it left the URL
+        finally:
+            browser.close()

@@ -20,7 +20,7 @@ from safetygame.policy import load_policy
 
 pytestmark = pytest.mark.model
 
-KEY = "sg-acceptance-key"
+KEY = "sg-acceptance-key-0123456789abcdefghij"
 
 
 @pytest.fixture(scope="module")

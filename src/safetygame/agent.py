@@ -147,18 +147,21 @@ class SafetyGame:
         *,
         budget: float | None = None,
         seed: int | None = None,
+        timeout: float | None = None,
     ) -> Decision:
-        """Decide one reply. ``budget`` may lower the policy's budget, never raise it."""
+        """Decide one reply. ``budget`` may lower the policy's budget, never raise it.
+        ``timeout`` (seconds) replaces the agent's own for this call (a caller's deadline)."""
         chat = as_messages(messages)
         if chat[-1].role != "user":
             raise ConfigError("messages: the last message must come from the user")
         budgets = self._budgets(budget)
+        limit = self.timeout if timeout is None else timeout
         t0 = time.perf_counter()
         try:
-            return await asyncio.wait_for(self._run(chat, budgets, seed, t0), self.timeout)
+            return await asyncio.wait_for(self._run(chat, budgets, seed, t0), limit)
         except TimeoutError:
             return self._refuse(
-                chat, budgets, Status.TIMEOUT, f"no decision within {self.timeout} s", t0, {}
+                chat, budgets, Status.TIMEOUT, f"no decision within {limit} s", t0, {}
             )
 
     # -- stages -------------------------------------------------------------------------
@@ -244,7 +247,9 @@ class SafetyGame:
                 texts=texts, help_scores=help_scores, harm_scores=harm_scores,
                 completion_tokens=completion_tokens,
             )  # fmt: skip
-        rng = np.random.default_rng(seed if seed is not None else g.seed)
+        draw_seed = seed if seed is not None else g.seed
+        # Any integer seeds the draw (numpy's generator takes non-negative ones only).
+        rng = np.random.default_rng(None if draw_seed is None else draw_seed % 2**64)
         chosen = game.choose(result, mode=g.choose, rng=rng)
         timings["total_s"] = time.perf_counter() - t0
         names = list(budgets)

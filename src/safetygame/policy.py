@@ -163,7 +163,12 @@ def load_policy(ref: str | Path | None = None) -> Policy:
             path = path / "policy.yml"
         if not path.is_file():
             raise ConfigError(f"Policy file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"Invalid policy {path}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"Policy file {path}: cannot read ({exc.strerror})") from None
         source = str(path)
     try:
         data = yaml.safe_load(text)

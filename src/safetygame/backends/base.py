@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from safetygame.errors import BackendUnsupported, ConfigError
+from safetygame.errors import BackendProtocolError, BackendUnsupported, ConfigError
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -153,10 +153,13 @@ def yes_no_from_top_logprobs(top: Mapping[str, float]) -> tuple[float, float] | 
     """(p_yes, mass) from a next-token top-logprob table, or None if neither appears.
 
     Variants are pooled: "Yes", "yes", " YES", "▁Yes"... (case, leading whitespace or
-    sentencepiece marker, trailing punctuation).
+    sentencepiece marker, trailing punctuation). A log-probability that is NaN or above 0
+    (+inf included) is impossible: BackendProtocolError, never a reading.
     """
     p_yes = p_no = 0.0
     for token, lp in top.items():
+        if math.isnan(lp) or lp > 1e-6:
+            raise BackendProtocolError(f"invalid log-probability {lp!r} for token {token!r}")
         word = token.replace("\u2581", " ").replace("\u0120", " ").strip().strip(".,!:").lower()
         if word in YES_WORDS:
             p_yes += math.exp(lp)

@@ -970,8 +970,10 @@ def _top_logprobs(body: Mapping[str, Any]) -> dict[str, float] | None:
         if not isinstance(e, dict):
             continue
         token, lp, tid = e.get("token"), e.get("logprob"), e.get("id")
-        if not isinstance(token, str) or not isinstance(lp, int | float) or math.isnan(lp):
+        if not isinstance(token, str) or not isinstance(lp, int | float):
             continue
+        if math.isnan(lp) or lp > 1e-6:  # NaN, +inf, > 0: the same rule as ``_logprob_of``
+            raise BackendProtocolError("the upstream gave an invalid top logprob (NaN or > 0)")
         if (token, tid) in seen:
             continue
         seen.add((token, tid))

@@ -95,7 +95,7 @@ def _backend(
     type=float,
     default=120.0,
     show_default=True,
-    help="Seconds until a decision fails safe (status timeout).",
+    help="Request deadline in seconds (body, decision, audit write; docs/gateway.md).",
 )
 @click.option(
     "--upstream-concurrency",
@@ -111,6 +111,35 @@ def _backend(
     default=1.0,
     show_default=True,
     help="Seconds between checks of the policy and tenants files.",
+)
+@click.option(
+    "--max-header-bytes",
+    type=int,
+    default=16_384,
+    show_default=True,
+    help="Bytes of one request's line and headers (431 past it).",
+)
+@click.option(
+    "--max-headers",
+    "max_header_count",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Headers in one request (431 past it).",
+)
+@click.option(
+    "--header-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to receive a request's headers (408 and close past it).",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds an idle keep-alive connection stays open.",
 )
 @click.option(
     "--log-level",
@@ -136,6 +165,10 @@ def serve(
     upstream_concurrency: int,
     max_body_bytes: int,
     reload_interval: float,
+    max_header_bytes: int,
+    max_header_count: int,
+    header_timeout: float,
+    keepalive_timeout: float,
     log_level: str,
     workers: int,
     fd: int | None,
@@ -144,6 +177,7 @@ def serve(
     """Serve the OpenAI-compatible gateway. Prints its URL on the first stdout line."""
     try:
         from safetygame.gateway.app import GatewaySettings, create_app
+        from safetygame.gateway.http import HttpLimits
         from safetygame.gateway.server import run as run_loop
         from safetygame.gateway.server import serve_app
     except ImportError:
@@ -159,6 +193,12 @@ def serve(
         max_body_bytes=max_body_bytes,
         decision_timeout=timeout,
         reload_interval=reload_interval,
+        http=HttpLimits(
+            max_header_bytes=max_header_bytes,
+            max_header_count=max_header_count,
+            header_timeout=header_timeout,
+            keepalive_timeout=keepalive_timeout,
+        ),
     )
     if upstream_concurrency < 1:
         raise ConfigError("--upstream-concurrency must be >= 1")
@@ -191,6 +231,10 @@ def serve(
             "--audit", audit_url, "--timeout", str(timeout),
             "--upstream-concurrency", str(upstream_concurrency),
             "--max-body-bytes", str(max_body_bytes), "--reload-interval", str(reload_interval),
+            "--max-header-bytes", str(max_header_bytes),
+            "--max-headers", str(max_header_count),
+            "--header-timeout", str(header_timeout),
+            "--keepalive-timeout", str(keepalive_timeout),
             "--log-level", log_level,
             *(["--tenants", str(tenants_file)] if tenants_file else []),
             *(["--model", model] if model else []),
@@ -274,11 +318,13 @@ def export(since: str | None, fmt: str, url: str, as_json: bool) -> None:
 @main.command("hash-key")
 @click.argument("key", required=False)
 @json_option
+@clean_errors
 def hash_key_cmd(key: str | None, as_json: bool) -> None:
-    """Hash an API key for tenants.yml (a new random key when none is given)."""
-    from safetygame.gateway.auth import hash_key, new_key
+    """Hash an API key for tenants.yml (a new random key when none is given). Keys shorter
+    than 32 characters are refused."""
+    from safetygame.gateway.auth import check_key, hash_key, new_key
 
-    key = key or new_key()
+    key = new_key() if key is None else check_key(key)
     if as_json:
         print_json({"key": key, "hash": hash_key(key)})
     else:

@@ -20,13 +20,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,12 +41,15 @@ from safetygame.backends.base import Backend
 from safetygame.errors import ConfigError
 from safetygame.gateway.audit import AuditStore, audit_record, open_store
 from safetygame.gateway.auth import bearer_token
+from safetygame.gateway.http import HttpLimits
 from safetygame.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from safetygame.gateway.runtime import CURRENT_CLOCK, MeteredBackend, Tenants, UpstreamClock
 from safetygame.gateway.schemas import (
     ChatRequest,
     completion_body,
     error_body,
+    lone_surrogate_location,
+    reason_code,
     stream_events,
     validation_error_body,
 )
@@ -61,21 +67,47 @@ class GatewaySettings:
     audit_url: str = "sqlite:///safetygame-audit.sqlite3"
     model_name: str = "safetygame"  # the id served by /v1/models
     max_body_bytes: int = 1_000_000
-    decision_timeout: float = 120.0  # seconds; the agent refuses (status timeout) after it
+    # Seconds from a request's arrival to its answer: body, decision and audit write. The
+    # decision fails safe (status timeout) ``audit_reserve`` before it, which leaves the
+    # audit write that long; an answer not recorded by the deadline is a 503.
+    decision_timeout: float = 120.0
+    audit_timeout: float = 5.0  # at most this share of decision_timeout (half for short ones)
     reload_interval: float = 1.0  # seconds between checks of the policy / tenants files
     max_decisions_page: int = 500
+    max_decisions_bytes: int = 8_000_000  # JSON bytes of one /v1/safetygame/decisions page
+    http: HttpLimits = field(default_factory=HttpLimits)  # connection limits (http.py)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be >= 1024")
-        if not self.decision_timeout > 0:
-            raise ConfigError("decision_timeout must be > 0")
+        if not 0 < self.decision_timeout < math.inf:
+            raise ConfigError("decision_timeout must be a finite number > 0")
+        if not 0 < self.audit_timeout < math.inf:
+            raise ConfigError("audit_timeout must be a finite number > 0")
         if not self.reload_interval > 0:
             raise ConfigError("reload_interval must be > 0")
+        if self.max_decisions_bytes < 2 * self.max_body_bytes:
+            raise ConfigError("max_decisions_bytes must be >= 2 x max_body_bytes")
+
+    @property
+    def audit_reserve(self) -> float:
+        """Seconds of ``decision_timeout`` kept for the audit write."""
+        return min(self.audit_timeout, self.decision_timeout / 2)
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+def _from_upstream(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised for an upstream's HTTP answer (e.g. a 400 for a prompt
+    longer than the model's context), as opposed to the gateway's own checks."""
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, httpx.HTTPError):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _error(
@@ -93,6 +125,7 @@ def _error(
 
 
 def default_agent_factory(timeout: float) -> Callable[[Backend, Policy], SafetyGame]:
+    # Each call gets the time left before its request's deadline; ``timeout`` is the cap.
     def make(backend: Backend, policy: Policy) -> SafetyGame:
         return SafetyGame(backend, policy, timeout=timeout)
 
@@ -179,14 +212,32 @@ class Gateway:
         if tenant is None:
             self.metrics.requests.inc(tenant="-", code="401")
             return self._unauthorized()
-        response = await self._chat(request, tenant, request_id, t0)
+        self.metrics.in_flight.inc()  # until the answer is decided *and* recorded
+        try:
+            response = await self._chat(request, tenant, request_id, t0)
+        except Exception as exc:
+            # Counted like any answer; logged without its message (it may quote a prompt).
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error(
+                "request %s: unhandled %s at %s:%s; 500 sent",
+                request_id,
+                type(exc).__name__,
+                Path(where.filename).name,
+                where.lineno,
+            )
+            response = _error(500, "Internal error.", "server_error", code="internal_error")
+        finally:
+            self.metrics.in_flight.dec()
         response.headers["x-request-id"] = request_id
         self.metrics.requests.inc(tenant=tenant, code=str(response.status_code))
         return response
 
     async def _chat(self, request: Request, tenant: str, request_id: str, t0: float) -> Response:
+        deadline = t0 + self.settings.decision_timeout
+        reserve = self.settings.audit_reserve
         try:
-            raw = await self._read_body(request)
+            async with asyncio.timeout(max(deadline - reserve - time.perf_counter(), 0.0)):
+                raw = await self._read_body(request)
         except BodyTooLarge:
             return _error(
                 413,
@@ -194,19 +245,50 @@ class Gateway:
                 "invalid_request_error",
                 code="request_too_large",
             )
+        except TimeoutError:
+            return _error(
+                408,
+                "The request body did not arrive in time.",
+                "invalid_request_error",
+                code="request_timeout",
+            )
         try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            # Strict UTF-8 (json.loads would let surrogates through from bytes: surrogatepass).
+            payload = json.loads(raw.decode("utf-8-sig"))
+        except RecursionError:
+            return _error(
+                400,
+                "Request body is nested too deeply.",
+                "invalid_request_error",
+                code="invalid_json",
+            )
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, an int of 4,300+ digits
             return _error(
                 400,
                 "Request body is not valid JSON.",
                 "invalid_request_error",
                 code="invalid_json",
             )
+        where = lone_surrogate_location(raw, payload)
+        if where is not None:
+            return _error(
+                400,
+                f"Invalid request: {where}: a lone UTF-16 surrogate cannot be encoded as UTF-8.",
+                "invalid_request_error",
+                param=where.removesuffix(" (a key)"),
+                code="invalid_value",
+            )
         try:
             req = ChatRequest.model_validate(payload)
         except ValidationError as exc:
             return JSONResponse(validation_error_body(exc), status_code=400)
+        except RecursionError:
+            return _error(
+                400,
+                "Request body is nested too deeply.",
+                "invalid_request_error",
+                code="invalid_json",
+            )
         if req.model != self.settings.model_name:
             return _error(
                 404,
@@ -217,22 +299,36 @@ class Gateway:
                 code="model_not_found",
             )
 
-        runtime = self.tenants.runtimes[tenant]
+        runtime = self.tenants.runtimes.get(tenant)
+        if runtime is None:  # the tenant was removed from the tenants file meanwhile
+            return self._unauthorized()
         clock = UpstreamClock()
         token = CURRENT_CLOCK.set(clock)
-        self.metrics.in_flight.inc()
         try:
             seed = req.safetygame.seed if req.safetygame.seed is not None else req.seed
             decision = await runtime.agent.arespond(
-                [m.as_dict() for m in req.messages], budget=req.safetygame.budget, seed=seed
+                [m.as_dict() for m in req.messages],
+                budget=req.safetygame.budget,
+                seed=seed,
+                timeout=round(max(deadline - reserve - time.perf_counter(), 0.001), 3),
             )
         except ConfigError as exc:
+            if _from_upstream(exc):
+                # The upstream refused the request (e.g. longer than the model's context).
+                # Its text may name internal hosts: it goes to the log, not to the client.
+                log.warning("request %s: the upstream rejected the request: %s", request_id, exc)
+                return _error(
+                    400,
+                    "The model server rejected this request (for example, the conversation "
+                    "is longer than the model's context).",
+                    "invalid_request_error",
+                    code="upstream_rejected_request",
+                )
             # Bad request content the schema cannot see (e.g. a budget above the policy's).
             param = "safetygame.budget" if "budget" in str(exc) else None
             return _error(400, str(exc), "invalid_request_error", param=param, code="invalid_value")
         finally:
             CURRENT_CLOCK.reset(token)
-            self.metrics.in_flight.dec()
 
         record = audit_record(
             decision,
@@ -242,18 +338,21 @@ class Gateway:
             stream=req.stream,
             upstream_s=clock.busy_s,
         )
+        record["reason_code"] = reason_code(decision)
         t_audit = time.perf_counter()
         try:
-            await self.audit.write(record)
+            # The write is bounded by the request's deadline (at least ``reserve`` left).
+            async with asyncio.timeout(max(deadline - t_audit, 0.0)):
+                await self.audit.write(record)
         except Exception as exc:
-            # Fail closed: an answer that is not on record is not sent.
+            # Fail closed: an answer that is not on record by the deadline is not sent.
             self.metrics.audit_errors.inc()
-            log.error(
-                "request %s: audit write failed (%s); 503 sent", request_id, type(exc).__name__
-            )
+            why = "timed out" if isinstance(exc, TimeoutError) else f"failed ({type(exc).__name__})"
+            log.error("request %s: audit write %s; 503 sent", request_id, why)
             return _error(
                 503,
-                "The decision could not be recorded in the audit log; nothing was sent. Retry.",
+                "The decision could not be recorded in the audit log in time; nothing was "
+                "sent. Retry.",
                 "server_error",
                 code="audit_unavailable",
             )
@@ -300,7 +399,13 @@ class Gateway:
         if decision.action == "refuse":
             self.metrics.refusals.inc(tenant=tenant, status=status)
         if decision.status is not Status.OK:
-            log.warning("decision %s failed safe: %s: %s", decision.id, status, decision.reason)
+            log.warning(
+                "decision %s failed safe: %s (%s): %s",
+                decision.id,
+                status,
+                reason_code(decision),
+                decision.reason,
+            )
 
     async def models(self, request: Request) -> Response:
         if self._tenant(request) is None:
@@ -344,18 +449,28 @@ class Gateway:
                 code="invalid_value",
             )
         # Scoped by the key: a tenant reads only its own records.
-        records = await self.audit.recent(tenant, limit, since)
-        return JSONResponse({"object": "list", "tenant": tenant, "data": records})
+        records, truncated = await self.audit.recent_page(
+            tenant, limit, since, max_bytes=self.settings.max_decisions_bytes
+        )
+        return JSONResponse(
+            {"object": "list", "tenant": tenant, "data": records, "truncated": truncated}
+        )
 
     async def healthz(self, request: Request) -> Response:
+        """Unauthenticated: no upstream URL or model id, no paths, no error texts. 503 while
+        the audit store cannot record decisions (every chat would be a 503)."""
+        store = self.audit.health(stall_after=self.settings.audit_reserve)
+        ok = store["state"] == "ok"
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "ok" if ok else "degraded",
                 "model": self.settings.model_name,
-                "upstream_model_id": self.backend.model_id,
                 "tenants": len(self.tenants.runtimes),
                 "audit": self.audit.url.split("://", 1)[0],
-            }
+                "audit_state": store["state"],
+                "audit_pending": store["pending"],
+            },
+            status_code=200 if ok else 503,
         )
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -369,7 +484,7 @@ class Gateway:
 # The dashboard loads nothing from outside the gateway.
 _CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:"
+    "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
 )
 
 

@@ -25,8 +25,9 @@ import math
 import queue
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,10 @@ class AuditStore(ABC):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_lock = threading.Lock()  # one reader at a time (``_recent``)
+        # Written by the writer thread, read by ``health`` (single assignments: no lock).
+        self._busy_since: float | None = None  # monotonic start of the commit under way
+        self._batch = 0  # records in that commit
+        self._last_error: str | None = None  # class of the last failure, None after a success
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -149,8 +154,26 @@ class AuditStore(ABC):
             self._thread = None
         await asyncio.to_thread(self._close)
 
+    def health(self, stall_after: float) -> dict[str, Any]:
+        """The store's state: ``ok``; ``down`` (not started or its writer died); ``stalled``
+        (a commit has been under way for more than ``stall_after`` seconds: a locked or
+        unreachable database); ``failing`` (the last commit failed). ``pending``: records
+        waiting for a commit. No paths, URLs or error messages (``/healthz`` is public)."""
+        busy_since = self._busy_since
+        pending = self._queue.qsize() + (self._batch if busy_since is not None else 0)
+        if self._thread is None or not self._thread.is_alive():
+            state = "down"
+        elif busy_since is not None and time.monotonic() - busy_since > stall_after:
+            state = "stalled"
+        elif self._last_error is not None:
+            state = "failing"
+        else:
+            state = "ok"
+        return {"state": state, "pending": pending, "last_error": self._last_error}
+
     async def write(self, record: dict[str, Any]) -> None:
-        """Return once ``record`` is committed; raise if it could not be."""
+        """Return once ``record`` is committed; raise if it could not be. A write that is
+        cancelled (the request's deadline passed) before the writer takes it is dropped."""
         if self._thread is None or self._loop is None:
             raise RuntimeError("audit store not started")
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -164,7 +187,8 @@ class AuditStore(ABC):
             item = self._queue.get()
             batch: list[_Pending] = []
             while item is not None:
-                batch.append(item)
+                if not item[1].cancelled():  # nobody waits for it: nothing was sent
+                    batch.append(item)
                 if len(batch) >= MAX_BATCH:
                     break
                 try:
@@ -175,10 +199,13 @@ class AuditStore(ABC):
             if not batch:
                 continue
             error: BaseException | None = None
+            self._batch, self._busy_since = len(batch), time.monotonic()
             try:
                 self._write_rows([_row(r) for r, _ in batch])
             except Exception as exc:  # every waiter learns its record was not written
                 error = exc
+            self._busy_since = None
+            self._last_error = None if error is None else type(error).__name__
             try:
                 self._loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
             except RuntimeError:  # the loop is gone: nobody is waiting any more
@@ -199,12 +226,24 @@ class AuditStore(ABC):
         self, tenant: str | None, limit: int = 50, since: float | None = None
     ) -> list[dict[str, Any]]:
         """The newest records (newest first), of one tenant or of all when ``tenant`` is None."""
-        return await asyncio.to_thread(self._recent, tenant, limit, since)
+        records, _ = await self.recent_page(tenant, limit, since)
+        return records
+
+    async def recent_page(
+        self,
+        tenant: str | None,
+        limit: int = 50,
+        since: float | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Like ``recent``, but stops before the records' JSON passes ``max_bytes`` (UTF-8);
+        the flag says whether it stopped early (more records would have matched)."""
+        return await asyncio.to_thread(self._recent, tenant, limit, since, max_bytes)
 
     @abstractmethod
     def _recent(
-        self, tenant: str | None, limit: int, since: float | None
-    ) -> list[dict[str, Any]]: ...
+        self, tenant: str | None, limit: int, since: float | None, max_bytes: int | None
+    ) -> tuple[list[dict[str, Any]], bool]: ...
 
 
 def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -270,15 +309,33 @@ class SQLiteAuditStore(AuditStore):
         # of the time) instead of one per row plus BEGIN and COMMIT.
         self._db.execute(_insert_sql("INSERT OR IGNORE", "?", len(rows), ""), _flat(rows))
 
-    def _recent(self, tenant: str | None, limit: int, since: float | None) -> list[dict[str, Any]]:
+    def _recent(
+        self, tenant: str | None, limit: int, since: float | None, max_bytes: int | None
+    ) -> tuple[list[dict[str, Any]], bool]:
         sql, args = _select(tenant, since, "?")
         with self._read_lock:
             db = _sqlite_connect(self.path)
             try:
-                rows = db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+                cursor = db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit))
+                texts, truncated = _take(cursor, max_bytes)
             finally:
                 db.close()
-        return [json.loads(r[0]) for r in rows]
+        return [json.loads(t) for t in texts], truncated
+
+
+def _take(rows: Iterable[tuple[Any, ...]], max_bytes: int | None) -> tuple[list[Any], bool]:
+    """The first column of ``rows`` until their JSON would pass ``max_bytes`` (None: all).
+    Rows are read one at a time, so a capped page never holds more than the cap."""
+    out: list[Any] = []
+    size = 0
+    for (value,) in rows:
+        if max_bytes is not None:
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            size += len(text.encode("utf-8")) + 1
+            if size > max_bytes:
+                return out, True
+        out.append(value)
+    return out, False
 
 
 def _select(tenant: str | None, since: float | None, ph: str) -> tuple[str, list[Any]]:
@@ -365,14 +422,16 @@ class PostgresAuditStore(AuditStore):
             self._conn = None
             raise
 
-    def _recent(self, tenant: str | None, limit: int, since: float | None) -> list[dict[str, Any]]:
+    def _recent(
+        self, tenant: str | None, limit: int, since: float | None, max_bytes: int | None
+    ) -> tuple[list[dict[str, Any]], bool]:
         sql, args = _select(tenant, since, "%s")
         with self._read_lock:
             if self._read is None or self._read.closed:
                 self._read = self._connect()
             cur = self._read.execute(sql + " ORDER BY seq DESC LIMIT %s", (*args, limit))
-            rows = cur.fetchall()
-        return [r[0] if isinstance(r[0], dict) else json.loads(r[0]) for r in rows]
+            values, truncated = _take(cur, max_bytes)
+        return [v if isinstance(v, dict) else json.loads(v) for v in values], truncated
 
 
 # -- opening and exporting --------------------------------------------------------------------

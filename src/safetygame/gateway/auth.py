@@ -15,6 +15,10 @@ Keys are random tokens (``safetygame hash-key`` makes one and prints its hash), 
 sha256 is enough: unlike passwords they cannot be guessed from a dictionary. The file never
 holds a key itself. Lookup compares the presented key's hash against every stored hash with
 ``hmac.compare_digest`` and does not stop at the first match.
+
+A key must have at least ``MIN_KEY_LENGTH`` (32) characters: ``hash-key`` refuses to hash a
+shorter one, and since the file holds only hashes, a shorter presented key never matches
+any entry of a tenants file (so a short key hashed by other means cannot be used).
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ HASH_PREFIX = "sha256:"
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_TENANT = "default"
+MIN_KEY_LENGTH = 32  # characters; ``new_key`` makes 46 (256 random bits)
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is long enough to be an API key, else ConfigError."""
+    if len(key) < MIN_KEY_LENGTH:
+        raise ConfigError(
+            f"API keys must have at least {MIN_KEY_LENGTH} characters (got {len(key)}); "
+            "run `safetygame hash-key` without an argument for a random one"
+        )
+    return key
 
 
 def hash_key(key: str) -> str:
@@ -130,6 +145,10 @@ def load_tenants(path: str | Path, default_policy: str = "default") -> TenantsCo
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"Invalid tenants file {path}: not UTF-8 text (byte {exc.start})"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"Tenants file {path}: cannot read ({exc.strerror})") from None
     try:
@@ -153,7 +172,7 @@ class KeyRing:
         the default tenant."""
         if not self.auth_required:
             return DEFAULT_TENANT
-        if not key:
+        if not key or len(key) < MIN_KEY_LENGTH:
             return None
         presented = hash_key(key).encode("ascii")
         found: str | None = None

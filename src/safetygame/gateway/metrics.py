@@ -143,7 +143,9 @@ class GatewayMetrics:
             "Policy and tenants file reloads (result ok or rejected).",
             ("tenant", "result"),
         )
-        self.in_flight = Gauge("safetygame_requests_in_flight", "Chat requests being decided.")
+        self.in_flight = Gauge(
+            "safetygame_requests_in_flight", "Chat requests being decided or recorded."
+        )
 
     def render(self) -> str:
         parts: list[str] = []

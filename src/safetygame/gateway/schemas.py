@@ -9,13 +9,14 @@ in the ``ChatCompletion`` / ``ChatCompletionChunk`` shape with one extension fie
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from safetygame.agent import Decision
+from safetygame.agent import Decision, Status
 
 
 class TextPart(BaseModel):
@@ -113,6 +114,76 @@ def validation_error_body(exc: ValidationError) -> dict[str, Any]:
     )
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def lone_surrogate_location(raw: bytes, payload: Any) -> str | None:
+    """The location of a string (or key) holding a lone UTF-16 surrogate (``"\\ud800"``:
+    valid JSON, but not encodable as UTF-8 for the upstream, the audit log or a reply)."""
+    if not _SURROGATE_ESCAPE.search(raw):  # the common case: no escaped surrogate at all
+        return None
+    stack: list[tuple[Any, tuple[int | str, ...]]] = [(payload, ())]
+    while stack:
+        obj, path = stack.pop()
+        if isinstance(obj, str):
+            if not _utf8(obj):
+                return _loc(path)
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                if not _utf8(key):
+                    return _loc(path) + " (a key)"
+                stack.append((value, (*path, key)))
+        elif isinstance(obj, list):
+            stack.extend((value, (*path, i)) for i, value in enumerate(obj))
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Stable ``safetygame.reason_code`` per failure status, and the generic message clients get
+# in ``safetygame.reason``; the full reason (upstream URLs, error texts) goes to the audit
+# record and the server log only.
+FAILURE_REASONS: dict[Status, tuple[str, str]] = {
+    Status.GENERATION_FAILED: (
+        "upstream_generation_failed",
+        "The model could not produce candidate replies; the policy's refusal was sent.",
+    ),
+    Status.SCORING_FAILED: (
+        "scoring_failed",
+        "The candidate replies could not be scored; the policy's refusal was sent.",
+    ),
+    Status.SOLVER_FAILED: (
+        "solver_failed",
+        "The game could not be solved; the policy's refusal was sent.",
+    ),
+    Status.TIMEOUT: (
+        "decision_timeout",
+        "No decision was reached in time; the policy's refusal was sent.",
+    ),
+}
+
+
+def reason_code(decision: Decision) -> str:
+    """A stable code for why ``decision`` went the way it did."""
+    if decision.status is Status.OK:
+        return "answered" if decision.action == "answer" else "refused_by_game"
+    return FAILURE_REASONS[decision.status][0]
+
+
+def client_reason(decision: Decision) -> str:
+    """What a client is told: the game's own reason when it decided (it names candidates
+    and budgets only), a generic message when it failed."""
+    if decision.status is Status.OK:
+        return decision.reason
+    return FAILURE_REASONS[decision.status][1]
+
+
 def completion_body(decision: Decision, model: str, request_id: str) -> dict[str, Any]:
     """A standard ``ChatCompletion`` carrying the chosen text, plus ``safetygame``."""
     return {
@@ -140,8 +211,12 @@ def usage(decision: Decision) -> dict[str, int]:
 
 
 def summary(decision: Decision) -> dict[str, Any]:
+    """``safetygame`` of a response: the decision summary with a stable ``reason_code`` and
+    a ``reason`` fit for clients (``client_reason``)."""
     return {
         **decision.summary(),
+        "reason": client_reason(decision),
+        "reason_code": reason_code(decision),
         "policy_digest": decision.policy_digest,
         "tokens": dict(decision.tokens),
     }

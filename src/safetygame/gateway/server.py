@@ -12,7 +12,16 @@ from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 
+from safetygame.gateway.http import HttpLimits, Parser, uvicorn_config
+
 T = TypeVar("T")
+
+
+def app_limits(app: Starlette) -> HttpLimits:
+    """The connection limits in the settings of a gateway app (defaults for other apps)."""
+    gateway = getattr(app.state, "gateway", None)
+    limits = getattr(getattr(gateway, "settings", None), "http", None)
+    return limits if isinstance(limits, HttpLimits) else HttpLimits()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -39,15 +48,18 @@ async def serve_app(
     log_level: str = "info",
     on_ready: Callable[[str], None] | None = None,
     sock: socket.socket | None = None,
+    limits: HttpLimits | None = None,
 ) -> bool:
     """Serve until stopped (SIGINT/SIGTERM). ``on_ready(url)`` runs once the socket is bound
     (``port=0`` picks a free one). ``sock``: accept on this listening socket instead of
     binding ``host:port`` (the workers of ``safetygame serve --workers N`` share one).
+    ``limits``: connection limits (default: the app's ``GatewaySettings.http``).
     Returns False if the server failed to start."""
     import uvicorn
 
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        limits or app_limits(app),
         host=host,
         port=port,
         log_level=log_level,
@@ -70,15 +82,30 @@ async def serve_app(
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Starlette, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_in_thread(
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: HttpLimits | None = None,
+    parser: Parser = "auto",
+) -> Iterator[str]:
     """Serve ``app`` with uvicorn on its own event loop in a thread; yields the base URL.
 
-    For tests and notebooks; a production server runs ``safetygame serve``.
+    For tests and notebooks; a production server runs ``safetygame serve``. ``limits``:
+    connection limits (default: the app's); ``parser``: uvicorn's HTTP parser.
     """
     import uvicorn
 
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+    config = uvicorn_config(
+        app,
+        limits or app_limits(app),
+        parser,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="gateway-uvicorn", daemon=True)
