@@ -17,6 +17,7 @@ from safetygame.probes import Score
 from safetygame.scorers import (
     DESIGNS,
     HARM_WORDINGS,
+    CalibratedScorer,
     Calibrator,
     MeanScorer,
     PairwiseJudge,
@@ -248,3 +249,21 @@ def test_pairwise_judge_counterbalances_order() -> None:
     assert backend.calls == 6  # 3 pairs, both orders
     assert values[1] == pytest.approx(0.9)
     assert values[0] == pytest.approx(0.3) and values[2] == pytest.approx(0.3)
+
+
+class TokenCountingDouble(FixedYesNoBackend):
+    """Test double whose readings report the prompt tokens they read."""
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        return YesNo(0.8, "logprobs", 1.0, prompt_tokens=42)
+
+
+def test_inverted_and_calibrated_scores_keep_their_prompt_tokens() -> None:
+    backend = TokenCountingDouble({})
+    inverted = PromptJudge(backend, HARM_WORDINGS["safe"], "system prompt here")
+    calibrated = CalibratedScorer(inverted, Calibrator("platt", a=1.0, b=0.5))
+    conv = [Message("user", "q")]
+    s1 = asyncio.run(inverted.score(conv, "reply", "rule"))
+    s2 = asyncio.run(calibrated.score(conv, "reply", "rule"))
+    assert s1.value is not None and abs(s1.value - 0.2) < 1e-12
+    assert (s1.prompt_tokens, s2.prompt_tokens, s2.calls) == (42, 42, 1)
