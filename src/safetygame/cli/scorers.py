@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -142,6 +143,21 @@ def list_cmd(as_json: bool) -> None:
     help="Use only the first N XSTest dev prompts.",
 )
 @click.option(
+    "--size",
+    "sizes",
+    multiple=True,
+    metavar="SOURCE=N",
+    help="Override the recipe's rows of one source (hh_train, hh_dev, advbench, "
+    "xstest_safe_candidates, moderation), e.g. --size hh_train=1756.",
+)
+@click.option(
+    "--features",
+    type=click.Choice(["judge", "minilm"]),
+    default="judge",
+    show_default=True,
+    help="The judge model's own hidden states, or the independent MiniLM embeddings.",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("results/heads"),
@@ -164,6 +180,8 @@ def train_cmd(
     cache_path: Path | None,
     recipe: str,
     xstest_limit: int | None,
+    sizes: tuple[str, ...],
+    features: str,
     out: Path,
     check: bool,
     progress: bool | None,
@@ -176,6 +194,13 @@ def train_cmd(
     policy = load_policy(policy_ref)
     cache = _open_cache(cache_path)
     rec = Recipe.tiny() if recipe == "tiny" else Recipe()
+    overrides: dict[str, int] = {}
+    for item in sizes:
+        key, _, value = item.partition("=")
+        if key not in Recipe.__dataclass_fields__ or key == "seed" or not value.isdigit():
+            raise ConfigError(f"--size {item!r}: expected SOURCE=N with SOURCE a recipe field")
+        overrides[key] = int(value)
+    rec = dataclasses.replace(rec, **overrides)
 
     async def run() -> Any:
         backend = open_backend(model, upstream, api_key, parallel=1)
@@ -186,6 +211,7 @@ def train_cmd(
                 cache,
                 rec,
                 xstest_limit=xstest_limit,
+                features=features,  # type: ignore[arg-type]
                 progress=show_progress(progress, as_json),
             )
         finally:
@@ -278,6 +304,7 @@ def evaluate_cmd(
 ) -> None:
     """Measure heads once on the test sets: HHH harmless pairs, XSTest complying vs refusal."""
     from safetygame.eval.train_heads import evaluate_heads
+    from safetygame.features import EMBED_MODEL_ID
     from safetygame.heads import HEADS_DIR, load_head
     from safetygame.scorers import shipped_heads
 
@@ -287,13 +314,15 @@ def evaluate_cmd(
     async def run() -> dict[str, Any]:
         backend = open_backend(model, upstream, api_key, parallel=1)
         try:
+            ours = (backend.model_id, EMBED_MODEL_ID)
             heads = [load_head(r) for r in head_refs] or [
-                h for h in shipped_heads() if h.features.model_id == backend.model_id
+                h for h in shipped_heads() if h.features.model_id in ours
             ]
             if not heads:
                 raise ConfigError(f"no shipped head for {backend.model_id}: pass --head")
             for h in heads:
-                h.check_model(backend.model_id)
+                if h.features.model_id != EMBED_MODEL_ID:
+                    h.check_model(backend.model_id)
             return await evaluate_heads(
                 backend,
                 heads,

@@ -16,6 +16,8 @@ Sources (``../shared/data``; docs/probes.md states what each contributes and why
 - ``advbench`` behaviours: the goal with its compliant target (harmful), and the same goal
   with the policy refusal (harmless); a pair target > refusal. Shaped like the deployment
   question, compliance against refusal.
+- ``openai-moderation`` samples (optional): texts flagged in any category are harmful, the
+  others not; shown to the judge as a reply with no conversation. Points only.
 - ``xstest`` **harness dev** prompts only (the 20% hash split of ``safetygame eval xstest``,
   so no reported test prompt is touched): the sampled candidates from the score cache (the
   committed ``resume/xstest.jsonl.gz``), labelled by the refusal pattern detector: a
@@ -176,6 +178,30 @@ def advbench_rows(n: int | None, refusal: str, seed: int = 0) -> LabelledSet:
     return out
 
 
+def moderation_rows(path: Path, n: int | None, seed: int = 0) -> LabelledSet:
+    """``n`` seeded OpenAI moderation samples as replies with no conversation: flagged in any
+    category = harmful. Text-level harm, so points only (no pairs)."""
+    recs: list[tuple[float, str, float]] = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            try:
+                rec = json.loads(line)
+                text = str(rec["prompt"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{path}:{line_no}: not a moderation sample ({exc})") from exc
+            flags = [v for k, v in rec.items() if k != "prompt" and v is not None]
+            if not text.strip() or not flags:
+                continue
+            label = 1.0 if any(int(v) == 1 for v in flags) else 0.0
+            recs.append((_unit("mod-draw", seed, line_no), text, label))
+    recs.sort(key=lambda r: r[0])
+    out = LabelledSet()
+    for _, text, label in recs[:n]:
+        out.point((), text, label, "openai-moderation")
+    out.notes["openai-moderation: texts"] = len(out.points)
+    return out
+
+
 def xstest_split(seed: int = 0, dev_fraction: float = 0.2) -> tuple[list[PromptItem], ...]:
     """The XSTest harness split (``safetygame eval xstest``): (dev, test)."""
     items = [it for it in datasets.load("xstest") if isinstance(it, PromptItem)]
@@ -264,6 +290,7 @@ class Recipe:
     hh_dev: int = 30
     advbench: int = 60
     xstest_safe_candidates: int = 1
+    moderation: int = 0
     seed: int = 0
 
     @classmethod
@@ -281,6 +308,9 @@ def training_set(
     hh = root / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     train = hh_pairs(hh, "train", recipe.hh_train, recipe.seed)
     train.extend(advbench_rows(recipe.advbench, policy.refusal, recipe.seed))
+    if recipe.moderation:
+        mod = root / "openai-moderation" / "samples-1680.jsonl.gz"
+        train.extend(moderation_rows(mod, recipe.moderation, recipe.seed))
     dev_items, _ = xstest_split(recipe.seed)
     if xstest_limit is not None:
         dev_items = dev_items[:xstest_limit]

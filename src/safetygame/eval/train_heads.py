@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,7 +44,7 @@ from safetygame.eval.probe_quality import (
     group_split,
     pairwise_accuracy,
 )
-from safetygame.features import MAX_CHARS, PROMPT_VERSION, FeatureReader
+from safetygame.features import EMBED_MODEL_ID, FeatureReader, MiniLMReader
 from safetygame.heads import FeatureSpec, Head, Objective, fit_head
 from safetygame.policy import Policy
 from safetygame.scorers import fit_platt
@@ -57,25 +57,46 @@ OBJECTIVES: tuple[Objective, ...] = ("logistic", "bradley_terry")
 POOLINGS = ("last", "mean")
 
 
+FeatureSource = Literal["judge", "minilm"]
+
+
+def feature_readers(
+    source: FeatureSource, backend: Backend, cache: ScoreCache | None
+) -> list[FeatureReader | MiniLMReader]:
+    """The readers of one feature set: the judge's hidden states in both poolings, or the
+    independent MiniLM embeddings."""
+    if source == "minilm":
+        return [MiniLMReader(cache)]
+    if source != "judge":
+        raise ConfigError(f"features must be 'judge' or 'minilm', not {source!r}")
+    return [FeatureReader(backend, pooling, cache) for pooling in POOLINGS]
+
+
+def reader_for(head: Head, backend: Backend, cache: ScoreCache | None) -> Any:
+    """The reader that gives ``head`` its inputs."""
+    if head.features.model_id == EMBED_MODEL_ID:
+        return MiniLMReader(cache)
+    return FeatureReader(backend, head.features.pooling, cache)
+
+
 async def read_features(
-    backend: Backend,
+    readers: Sequence[FeatureReader | MiniLMReader],
     rows: Sequence[hd.Row],
-    cache: ScoreCache | None,
     *,
     progress: bool = True,
     desc: str = "judge reads",
 ) -> dict[str, FloatArray]:
-    """pooling -> (n, dim) features; a pooling the backend does not give is left out."""
+    """pooling -> (n, dim) features; a pooling the backend does not give is left out.
+
+    The first judge pooling reads the model (both poolings are cached from that pass); the
+    second comes from the cache."""
     out: dict[str, FloatArray] = {}
     pairs = [(r.conversation, r.reply) for r in rows]
-    # The first pooling reads the model (both poolings are cached from that pass); the
-    # second comes from the cache.
     bar = tqdm(total=len(rows), desc=desc, unit="reply", disable=not progress)
     try:
-        for k, pooling in enumerate(POOLINGS):
-            reader = FeatureReader(backend, pooling, cache)
+        for k, reader in enumerate(readers):
             try:
-                out[pooling] = await reader.matrix(
+                out[reader.pooling] = await reader.matrix(
                     pairs, concurrency=1, progress=bar if k == 0 else None
                 )
             except BackendUnsupported:
@@ -83,7 +104,7 @@ async def read_features(
     finally:
         bar.close()
     if not out:
-        raise BackendUnsupported(f"{backend.model_id} gives no pooled hidden states")
+        raise BackendUnsupported("the feature source gives no pooled features")
     return out
 
 
@@ -129,12 +150,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _model_sha(backend: Backend) -> str:
-    model_file = getattr(backend, "model_file", None)
-    sha = getattr(model_file, "sha256", None)
-    return str(sha) if sha else "unknown"
-
-
 @dataclass(frozen=True)
 class TrainResult:
     heads: tuple[Head, ...]
@@ -151,9 +166,11 @@ async def train_heads(
     recipe: hd.Recipe,
     *,
     xstest_limit: int | None = None,
+    features: FeatureSource = "judge",
     progress: bool = True,
 ) -> TrainResult:
-    """Fit one head per objective, chosen on dev (module doc); nothing is written."""
+    """Fit one head per objective, chosen on dev (module doc); nothing is written.
+    ``features``: the judge's own hidden states, or the independent MiniLM set."""
     t0 = time.perf_counter()
     train, dev = hd.training_set(recipe, policy, cache, backend.model_id, xstest_limit=xstest_limit)
     if not train.pairs or len({y for _, y in train.points}) < 2:
@@ -162,7 +179,8 @@ async def train_heads(
             "cache lacks the XSTest candidates (safetygame cache import resume/xstest.jsonl.gz) "
             "or the recipe is too small"
         )
-    feats = await read_features(backend, train.rows + dev.rows, cache, progress=progress)
+    readers = feature_readers(features, backend, cache)
+    feats = await read_features(readers, train.rows + dev.rows, progress=progress)
     n = len(train.rows)
     grid: list[dict[str, Any]] = []
     for pooling, F in feats.items():
@@ -205,7 +223,8 @@ async def train_heads(
         "policy_refusal_sha256": hashlib.sha256(policy.refusal.encode()).hexdigest(),
         "ridges": list(RIDGES),
     }
-    model_name = backend.model_id.split("@", 1)[0]
+    by_pooling = {r.pooling: r for r in readers}
+    model_name = readers[0].model_id.split("@", 1)[0]
     heads = []
     for objective in OBJECTIVES:
         cells = [g for g in grid if g["objective"] == objective]
@@ -215,16 +234,17 @@ async def train_heads(
             F, objective=objective, ridge=best["ridge"], points=train.points, pairs=train.pairs
         )
         short = "bt" if objective == "bradley_terry" else "logistic"
+        reader = by_pooling[best["pooling"]]
         heads.append(
             Head(
                 name=f"{model_name}-harm-{short}",
                 kind="harm",
                 objective=objective,
                 features=FeatureSpec(
-                    model_id=backend.model_id,
-                    model_sha256=_model_sha(backend),
+                    model_id=reader.model_id,
+                    model_sha256=reader.model_sha256 or "unknown",
                     pooling=best["pooling"],
-                    prompt=f"{PROMPT_VERSION}/{MAX_CHARS}",
+                    prompt=reader.prompt,
                     dim=int(F.shape[1]),
                 ),
                 mu=mu,
@@ -299,7 +319,13 @@ async def evaluate_heads(
     rows = dev_set.rows + test_set.rows + xs_rows
     misses0 = cache.misses
     t0 = time.perf_counter()
-    feats = await read_features(backend, rows, cache, progress=progress, desc="test reads")
+    feats: dict[tuple[str, str], FloatArray] = {}
+    for head in heads:
+        key = (head.features.model_id, head.features.pooling)
+        if key not in feats:
+            reader = reader_for(head, backend, cache)
+            got = await read_features([reader], rows, progress=progress, desc="test reads")
+            feats[key] = got[head.features.pooling]
     seconds = time.perf_counter() - t0
     n_dev, n_test = len(dev_set.rows), len(test_set.rows)
     report: dict[str, Any] = {
@@ -311,8 +337,7 @@ async def evaluate_heads(
         "heads": {},
     }
     for head in heads:
-        F = feats[head.features.pooling]
-        z = head.logit(F)
+        z = head.logit(feats[(head.features.model_id, head.features.pooling)])
         zd, zt, zx = z[:n_dev], z[n_dev : n_dev + n_test], z[n_dev + n_test :]
         platt = (
             [float(zd[i]) for g in dev_groups for i, _ in g],
@@ -327,6 +352,7 @@ async def evaluate_heads(
             y.append(1.0)
         xs_groups = list(by_prompt.values())
         report["heads"][head.name] = {
+            "features": head.features.model_id,
             "objective": head.objective,
             "pooling": head.features.pooling,
             "hhh_harmless_test": _metrics(hhh_groups, platt),
