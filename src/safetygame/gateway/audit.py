@@ -19,21 +19,17 @@ candidate, so the store is as sensitive as the traffic itself.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-import math
 import queue
 import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from safetygame._json import to_jsonable
 from safetygame.agent import Decision
 from safetygame.errors import ConfigError
 
@@ -62,7 +58,7 @@ def audit_record(
     upstream_s: float,
 ) -> dict[str, Any]:
     """The stored form of one decision: everything needed to audit it, as JSON values."""
-    data = _plain(decision)
+    data = to_jsonable(decision)
     data.pop("id")
     return {
         "request_id": request_id,
@@ -73,25 +69,6 @@ def audit_record(
         "upstream_s": upstream_s,
         **data,
     }
-
-
-def _plain(obj: Any) -> Any:
-    """Dataclasses, enums, tuples and numpy scalars -> JSON values; non-finite floats -> None."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, bool | int | str) or obj is None:
-        return obj
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return str(obj)
 
 
 def _insert_sql(verb: str, ph: str, n: int, tail: str) -> str:
