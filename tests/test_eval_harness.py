@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
 from safetygame.cache import ScoreCache
-from safetygame.cli.eval import interrupted_message
 from safetygame.errors import ConfigError
 from safetygame.eval.datasets import MCItem
 from safetygame.eval.harness import (
@@ -40,6 +39,7 @@ from safetygame.eval.harness import (
 )
 from safetygame.eval.methods import MethodParams, expected_accuracy, run_method
 from safetygame.eval.report import reported_points, write_report
+from safetygame.eval.runner import interrupted_message
 from safetygame.eval.scoring import CachingBackend, ItemScores, RunTally, gather_in_order
 from safetygame.eval.stats import tune_budget
 
@@ -527,7 +527,7 @@ def test_exit_alarm_ends_a_process_stuck_after_a_stop() -> None:
     # A close that never returns must not keep a stopped run alive: the kernel ends it.
     code = (
         "import time\n"
-        "from safetygame.cli.eval import _arm_exit_alarm\n"
+        "from safetygame.eval.runner import _arm_exit_alarm\n"
         "_arm_exit_alarm(1)\n"
         "time.sleep(30)\n"
     )

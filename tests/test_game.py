@@ -13,13 +13,13 @@ from safetygame.game import (
     GameResult,
     Margins,
     Status,
-    _finish_sparse,
     choose,
     margins,
     solve,
     solve_batch,
     solve_pooled,
 )
+from safetygame.game._core import _finish_sparse
 
 TOL = 1e-9
 prob = st.floats(0.0, 1.0, allow_subnormal=False)

@@ -23,6 +23,8 @@ import httpx
 import pytest
 
 from safetygame.bench.gateway import start_server_process, stop_server_process, upstream_in_thread
+from safetygame.errors import ConfigError
+from safetygame.gateway import audit
 from safetygame.gateway.audit import PostgresAuditStore, export_records
 
 psycopg = pytest.importorskip("psycopg")
@@ -111,7 +113,7 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def fresh_db(pg_url: str) -> str:
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS decisions")
+        conn.execute("DROP TABLE IF EXISTS decisions, schema_version")
     return pg_url
 
 
@@ -146,6 +148,71 @@ async def test_postgres_store_roundtrip_scoping_and_idempotence(fresh_db: str) -
     exported = list(export_records(fresh_db, since=1095.0))
     assert [r["n"] for r in exported] == [95, 96, 97, 98, 99]
     assert len(list(export_records(fresh_db))) == 100
+
+
+# The schema as created before it was versioned (no schema_version table).
+_UNVERSIONED_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    seq BIGSERIAL PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    decision_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    status TEXT NOT NULL,
+    action TEXT NOT NULL,
+    policy_version TEXT NOT NULL,
+    policy_digest TEXT NOT NULL,
+    record JSONB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_tenant_seq ON decisions (tenant, seq);
+CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created);
+"""
+
+
+async def test_postgres_migrations_bring_a_new_column_to_an_existing_database(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(_UNVERSIONED_PG_SCHEMA)
+        conn.execute(
+            "INSERT INTO decisions (request_id, decision_id, tenant, created, status, action,"
+            " policy_version, policy_digest, record) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                "r0",
+                "d0",
+                "t0",
+                1000.0,
+                "ok",
+                "answer",
+                "1",
+                "abc",
+                psycopg.types.json.Jsonb(_record(0, "t0", 1000.0)),
+            ),
+        )
+    store = PostgresAuditStore(fresh_db)  # the current schema adopts the old table as version 1
+    await store.start()
+    await store.close()
+    extra = ("ALTER TABLE decisions ADD COLUMN note TEXT",)
+    monkeypatch.setattr(audit, "_PG_MIGRATIONS", (*audit._PG_MIGRATIONS, extra))
+    for i in (1, 2):  # the second open finds the column there and migrates nothing
+        store = PostgresAuditStore(fresh_db)
+        await store.start()
+        try:
+            await store.write(_record(i, "t0", 1000.0 + i))
+        finally:
+            await store.close()
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        cols = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'decisions'"
+        ).fetchall()
+        assert ("note",) in cols
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert [r["n"] for r in export_records(fresh_db)] == [0, 1, 2]
+    monkeypatch.setattr(audit, "_PG_MIGRATIONS", audit._PG_MIGRATIONS[:1])
+    store = PostgresAuditStore(fresh_db)
+    with pytest.raises(ConfigError, match="newer than this safetygame knows"):
+        await store.start()
+    await store.close()
 
 
 def test_two_gateway_processes_share_one_store(fresh_db: str, tmp_path: Path) -> None:

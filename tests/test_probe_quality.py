@@ -57,6 +57,49 @@ def test_bootstrap_interval_contains_point() -> None:
     assert 0.5 < a <= 1.0
 
 
+def _bootstrap_by_loop(
+    groups: list[tuple[list[float], list[float]]], n_resamples: int, seed: int
+) -> list[float]:
+    """The resample AUROCs, built and scored one at a time (the reference)."""
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_resamples):
+        pick = rng.integers(0, len(groups), len(groups))
+        a = auroc([v for k in pick for v in groups[k][0]], [v for k in pick for v in groups[k][1]])
+        if math.isfinite(a):
+            stats.append(a)
+    return stats
+
+
+score_with_ties = st.sampled_from([0.0, 0.25, 0.5, 1.0, math.nan, math.inf]) | st.floats(0, 1)
+
+
+@given(
+    st.lists(
+        st.lists(st.tuples(score_with_ties, st.sampled_from([0.0, 1.0, 0.5])), max_size=4),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(0, 40),
+    st.integers(0, 3),
+)
+@settings(max_examples=80, deadline=None)
+def test_bootstrap_matches_resampling_one_at_a_time(
+    rows: list[list[tuple[float, float]]], n_resamples: int, seed: int
+) -> None:
+    groups = [([s for s, _ in g], [y for _, y in g]) for g in rows]
+    stats = _bootstrap_by_loop(groups, n_resamples, seed)
+    a, lo, hi = bootstrap_auroc(groups, n_resamples=n_resamples, seed=seed)
+    flat = [v for g in groups for v in g[0]], [v for g in groups for v in g[1]]
+    assert a == auroc(*flat) or (math.isnan(a) and math.isnan(auroc(*flat)))
+    if not stats:
+        assert math.isnan(lo) and math.isnan(hi)
+    else:
+        alpha = (1.0 - 0.95) / 2.0
+        want = np.quantile(stats, [alpha, 1.0 - alpha])
+        assert (lo, hi) == (float(want[0]), float(want[1]))
+
+
 def test_pairwise_accuracy() -> None:
     assert pairwise_accuracy([0.9, 0.1], [1, 0], higher=True) == 1.0
     assert pairwise_accuracy([0.9, 0.1], [1, 0], higher=False) == 0.0

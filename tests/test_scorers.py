@@ -162,6 +162,15 @@ def test_isotonic_matches_label_frequencies_on_blocks() -> None:
     assert cal(0.4) == pytest.approx(1.0)
 
 
+def test_isotonic_knots_pool_equal_means_and_keep_tied_scores_apart() -> None:
+    # two violators pooled into blocks of equal mean, which are one step
+    cal = fit_isotonic([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0])
+    assert (cal.xs, cal.ys) == ((0.1, 0.4), (0.5, 0.5))
+    # equal scores in increasing label order stay separate knots
+    cal = fit_isotonic([0.5, 0.5, 0.2], [0, 1, 1])
+    assert (cal.xs, cal.ys) == ((0.2, 0.5, 0.5), (0.5, 0.5, 1.0))
+
+
 def test_calibration_rejects_bad_input() -> None:
     with pytest.raises(ConfigError):
         fit_platt([0.1, 1.2], [0, 1])

@@ -5,12 +5,11 @@ The tree::
     SafetygameError
     ├── ConfigError (also ValueError)      bad input, bad policy, bad request: fixable by the caller
     ├── ModelNotInstalledError             a packaged model is missing or corrupt (names the fix)
-    ├── BackendError                       the model could not be reached or misbehaved
-    │   ├── BackendTimeout
-    │   ├── BackendRateLimited
-    │   ├── BackendUnsupported             the backend lacks an ability (e.g. log-likelihood)
-    │   └── BackendProtocolError           the upstream answered with something unusable
-    └── SolverError                        a solver failed in a way no status code covers
+    └── BackendError                       the model could not be reached or misbehaved
+        ├── BackendTimeout
+        ├── BackendRateLimited
+        ├── BackendUnsupported             the backend lacks an ability (e.g. log-likelihood)
+        └── BackendProtocolError           the upstream answered with something unusable
 
 Expected outcomes (an infeasible game, nothing better than refusing) are *statuses* on
 results, never exceptions.
@@ -49,7 +48,3 @@ class BackendUnsupported(BackendError):
 
 class BackendProtocolError(BackendError):
     """The backend answered, but with something that cannot be used."""
-
-
-class SolverError(SafetygameError):
-    """A solver failed unexpectedly."""

@@ -370,25 +370,23 @@ def fit_platt(p: ArrayLike, y: ArrayLike, l2: float = 1e-3, iters: int = 50) -> 
 
 def fit_isotonic(p: ArrayLike, y: ArrayLike) -> Calibrator:
     """Pool-adjacent-violators: the non-decreasing step function closest to the labels."""
+    from scipy.optimize import isotonic_regression
+
     x, t = _check_fit_data(p, y)
     order = np.argsort(x, kind="stable")
     xs, ts = x[order], t[order]
-    # blocks: [sum of labels, count, min x, max x]
-    blocks: list[list[float]] = []
-    for xi, ti in zip(xs, ts, strict=True):
-        blocks.append([float(ti), 1.0, float(xi), float(xi)])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
-            s, n, lo, hi = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += n
-            blocks[-1][3] = hi
-    knots_x: list[float] = []
-    knots_y: list[float] = []
-    for s, n, lo, hi in blocks:
-        for xv in (lo, hi) if hi > lo else (lo,):
-            knots_x.append(xv)
-            knots_y.append(s / n)
-    return Calibrator("isotonic", xs=tuple(knots_x), ys=tuple(knots_y))
+    starts = np.asarray(isotonic_regression(ts).blocks[:-1], dtype=np.intp)
+    # Block means from label counts (exact); adjacent blocks of equal mean are one step.
+    sums = np.add.reduceat(ts, starts)
+    sizes = np.diff(np.append(starts, ts.size))
+    starts = starts[np.r_[True, sums[1:] * sizes[:-1] != sums[:-1] * sizes[1:]]]
+    sums = np.add.reduceat(ts, starts)
+    sizes = np.diff(np.append(starts, ts.size))
+    lo, hi = xs[starts], xs[np.append(starts[1:], ts.size) - 1]
+    knot = np.stack([np.ones(lo.size, dtype=bool), hi > lo], axis=1).reshape(-1)
+    knots_x = np.stack([lo, hi], axis=1).reshape(-1)[knot]
+    knots_y = np.repeat(sums / sizes, 2)[knot]
+    return Calibrator("isotonic", xs=tuple(knots_x.tolist()), ys=tuple(knots_y.tolist()))
 
 
 def fit_calibrator(

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import numpy as np
 
+from safetygame._json import to_jsonable
 from safetygame.backends.base import Backend
 from safetygame.errors import BackendError, ConfigError, ModelNotInstalledError, SafetygameError
 
@@ -50,29 +47,6 @@ def show_progress(progress: bool | None, as_json: bool) -> bool:
     if progress is not None:
         return progress
     return not as_json or sys.stderr.isatty()
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, numpy arrays/scalars, enums and paths -> plain JSON values (NaN -> None)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return to_jsonable(obj.to_dict())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def print_json(obj: Any) -> None:

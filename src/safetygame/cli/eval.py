@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, cast
 
 import click
 
@@ -27,9 +24,6 @@ from safetygame.cli._common import (
     show_progress,
 )
 from safetygame.policy import load_policy
-
-if TYPE_CHECKING:
-    from safetygame.eval.scoring import RunTally
 
 BENCHMARK_NAMES = ("hhh", "truthfulqa", "safetybench", "xstest", "harmbench", "advbench")
 
@@ -55,183 +49,29 @@ def _run_benchmark(
     as_json: bool,
 ) -> None:
     from safetygame.cache import ScoreCache
-    from safetygame.eval.harness import (
-        MC_BENCHMARKS,
-        EvalConfig,
-        EvalLog,
-        run_mc,
-        write_eval_log,
+    from safetygame.eval.refusal import Mode
+    from safetygame.eval.runner import run_benchmark
+
+    run = run_benchmark(
+        benchmark,
+        lambda: open_backend(model, upstream, api_key, parallel),
+        load_policy(policy_ref),
+        ScoreCache(cache_path) if cache_path else ScoreCache(),
+        out or Path("results") / benchmark,
+        seed=seed,
+        limit=limit,
+        refusal_mode=cast(Mode, refusal_mode),
+        upstream=upstream,
+        progress=show_progress(progress, as_json),
+        on_stop=lambda message: click.echo(message, err=True),
     )
-    from safetygame.eval.refusal import Mode, run_open
-    from safetygame.eval.scoring import CachingBackend, RunTally
-
-    policy = load_policy(policy_ref)
-    cfg = EvalConfig(benchmark=benchmark, seed=seed, limit=limit)
-    out_dir = out or Path("results") / benchmark
-    cache = ScoreCache(cache_path) if cache_path else ScoreCache()
-    kind: Literal["mc", "open"] = "mc" if benchmark in MC_BENCHMARKS else "open"
-    config: dict[str, Any] = {
-        "benchmark": benchmark,
-        "seed": seed,
-        "limit": limit,
-        "dev_fraction": cfg.dev_fraction,
-        "budgets": list(cfg.budgets),
-        "policy": policy.ref,
-        "upstream": upstream,
-        "cache": str(cache.path) if cache.path else None,
-        "refusal_mode": refusal_mode if kind == "open" else None,
-    }
-
-    tally = RunTally()
-    stopped_by: list[signal.Signals] = [signal.SIGINT]
-
-    async def run() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], str, int]:
-        _stop_on_sigterm(stopped_by)
-        async with open_backend(model, upstream, api_key, parallel) as inner:
-            backend = CachingBackend(inner, cache)
-            config["model_id"] = backend.model_id
-            write_eval_log(EvalLog(benchmark, kind, "started", config), out_dir)
-            bar = show_progress(progress, as_json)
-            try:
-                if kind == "mc":
-                    res = await run_mc(backend, policy, cfg, cache, progress=bar, tally=tally)
-                else:
-                    res = await run_open(
-                        backend,
-                        policy,
-                        cfg,
-                        cache,
-                        mode=cast(Mode, refusal_mode),
-                        progress=bar,
-                        tally=tally,
-                    )
-            except asyncio.CancelledError:
-                # Say what finished before the backend closes: closing an embedded llama.cpp
-                # server with abandoned requests has hung (its destructor holds the GIL).
-                record_stop()
-                alarm.append(_arm_exit_alarm(CLOSE_GRACE_S))
-                raise
-            return (*res, backend.model_id, backend.model_calls)
-
-    t0 = time.perf_counter()
-    recorded: list[str] = []
-    alarm: list[_SavedAlarm | None] = []
-
-    def record_stop() -> None:
-        if recorded:
-            return
-        msg = interrupted_message(benchmark, stopped_by[0], tally)
-        stats = {
-            "seconds": time.perf_counter() - t0,
-            "finished": len(tally.finished),
-            "total": tally.total,
-            "prefix": tally.prefix,
-        }
-        write_eval_log(
-            EvalLog(benchmark, kind, "cancelled", config, stats=stats, error=msg), out_dir
-        )
-        click.echo(msg, err=True)
-        recorded.append(msg)
-
-    try:
-        summary, curves, records, model_id, calls = asyncio.run(run())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        for saved in alarm:  # closed in time
-            _disarm_exit_alarm(saved)
-        record_stop()
-        raise SystemExit(128 + stopped_by[0]) from None
-    except Exception as exc:
-        write_eval_log(
-            EvalLog(benchmark, kind, "error", config, error=f"{type(exc).__name__}: {exc}"),
-            out_dir,
-        )
-        raise
-    stats = {
-        "seconds": time.perf_counter() - t0,
-        "model_calls": calls,
-        "cache_hits": cache.hits,
-        "cache_misses": cache.misses,
-    }
-    results = {
-        "benchmark": benchmark,
-        "kind": kind,
-        **summary,
-        "model_id": model_id,
-        "policy": policy.ref,
-        "stats": stats,
-    }
-    path = write_eval_log(
-        EvalLog(benchmark, kind, "success", config, results, curves, records, stats), out_dir
-    )
-    results["log"] = str(path)
+    if run.stopped_by is not None:
+        raise SystemExit(128 + run.stopped_by)
+    results = {**run.results, "log": str(run.log)}
     if as_json:
         print_json(results)
     else:
         click.echo(render_results(results))
-
-
-CLOSE_GRACE_S = 60
-_SavedAlarm = tuple[Any, int]  # the SIGALRM handler and alarm seconds left before arming
-
-
-def _arm_exit_alarm(seconds: int) -> _SavedAlarm | None:
-    """End the process by SIGALRM's default action if it is still alive in ``seconds``.
-
-    A stopped run has written its log by then; a Python-level timeout cannot help when the
-    hang is inside native code that holds the GIL, but the kernel's alarm can.
-    """
-    if not hasattr(signal, "alarm"):
-        return None
-    try:
-        handler = signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    except ValueError:  # not on the main thread
-        return None
-    return handler, signal.alarm(seconds)
-
-
-def _disarm_exit_alarm(saved: _SavedAlarm | None) -> None:
-    """Undo :func:`_arm_exit_alarm`, restoring whatever alarm was set before (a test runner's)."""
-    if saved is None:
-        return
-    handler, left = saved
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, handler)
-    if left:
-        signal.alarm(left)
-
-
-def _stop_on_sigterm(stopped_by: list[signal.Signals]) -> None:
-    """Let SIGTERM (``timeout``, a scheduler) stop the run as Ctrl-C does: the main task is
-    cancelled, so the log says what finished instead of being left at ``started``."""
-    task = asyncio.current_task()
-    if task is None:
-        return
-
-    def stop() -> None:
-        stopped_by[0] = signal.SIGTERM
-        task.cancel()
-
-    # Not possible off the main thread or on Windows: SIGTERM then keeps its default.
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
-
-
-def interrupted_message(benchmark: str, sig: signal.Signals, tally: RunTally) -> str:
-    """What a stopped run finished, and how to resume it or report what it has."""
-    head = f"{benchmark}: stopped by {sig.name}"
-    if not tally.total:
-        return f"{head} before any item started"
-    msg = (
-        f"{head} after {len(tally.finished)} of {tally.total} items, whose readings are "
-        "cached; the same command resumes"
-    )
-    # HarmBench's --limit N draws val and test apart, so its prefix is not a --limit sample.
-    if benchmark != "harmbench" and 2 <= tally.prefix < tally.total:
-        msg += (
-            f". The first {tally.prefix} in the seeded draw order are all done: "
-            f"--limit {tally.prefix} (same seed) reports that nested sample from the cache"
-        )
-    return msg
 
 
 def _ci(lo_hi: list[float] | None) -> str:

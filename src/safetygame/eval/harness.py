@@ -18,13 +18,14 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+from safetygame._json import to_jsonable
 from safetygame.backends.base import Backend
 from safetygame.cache import ScoreCache
 from safetygame.errors import ConfigError
@@ -338,20 +339,6 @@ class EvalLog:
     created: float = field(default_factory=time.time)
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _plain(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_eval_log(log: EvalLog, path: str | Path) -> Path:
     """Write atomically (temp file + rename), so a crash never leaves half a log."""
     p = Path(path)
@@ -359,7 +346,7 @@ def write_eval_log(log: EvalLog, path: str | Path) -> Path:
         p = p / LOG_NAME
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_plain(asdict(log)), indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(to_jsonable(log), indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(p)
     return p
 

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy.stats import rankdata
 
 from safetygame.backends.base import Backend, Message
 from safetygame.cache import ScoreCache
@@ -78,6 +79,20 @@ FloatArray = NDArray[np.float64]
 # --------------------------------------------------------------------------- metrics
 
 
+def _ranks(v: FloatArray) -> FloatArray:
+    """1-based ranks of ``v``, tied values sharing their average rank.
+
+    NaNs rank last, each on its own, in order of position (where a stable sort puts them).
+    """
+    nan = np.isnan(v)
+    if not nan.any():
+        return np.asarray(rankdata(v), dtype=np.float64)
+    r = np.empty(v.size)
+    r[~nan] = rankdata(v[~nan])
+    r[nan] = np.arange(v.size - int(nan.sum()) + 1, v.size + 1)
+    return r
+
+
 def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Area under the ROC curve (Mann-Whitney U with ties counted half); NaN if one class."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -88,18 +103,7 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     if pos.size == 0 or neg.size == 0:
         return float("nan")
     # rank-based: average ranks handle ties exactly
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    allv = np.concatenate([pos, neg])[order]
-    ranks = np.empty(allv.size)
-    i = 0
-    while i < allv.size:
-        j = i
-        while j + 1 < allv.size and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[i : j + 1] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    r = np.empty(allv.size)
-    r[order] = ranks
+    r = _ranks(np.concatenate([pos, neg]))
     u = r[: pos.size].sum() - pos.size * (pos.size + 1) / 2.0
     return float(u / (pos.size * neg.size))
 
@@ -110,26 +114,85 @@ def bootstrap_auroc(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """AUROC and its percentile interval, resampling whole groups (questions)."""
+    """AUROC and its percentile interval, resampling whole groups (questions).
+
+    Every resample is scored at once: with c_g the times group g is drawn, its U statistic
+    is the sum over (positive, negative) pairs of c_g(pos) * c_g(neg) * [pos > neg] (ties
+    half), read off one sort of all the scores. It is summed in integers (as 2U), so each
+    value equals :func:`auroc` on the resample exactly; the draws are the same as when each
+    resample was built and scored in turn.
+    """
     if not groups:
         return float("nan"), float("nan"), float("nan")
     flat_s = [v for s, _ in groups for v in s]
     flat_y = [v for _, y in groups for v in y]
     point = auroc(flat_s, flat_y)
+    for g, (s, y) in enumerate(groups):
+        if len(s) != len(y):
+            raise ConfigError(f"bootstrap_auroc: group {g} has {len(s)} scores but {len(y)} labels")
+    n_groups = len(groups)
     rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_resamples):
-        pick = rng.integers(0, len(groups), len(groups))
-        s = [v for k in pick for v in groups[k][0]]
-        y = [v for k in pick for v in groups[k][1]]
-        a = auroc(s, y)
-        if math.isfinite(a):
-            stats.append(a)
-    if not stats:
+    counts = np.empty((n_resamples, n_groups), dtype=np.int64)
+    for b in range(n_resamples):  # one draw per resample, as the interval was always drawn
+        counts[b] = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+    stats = _resampled_auroc(
+        np.asarray(flat_s, dtype=np.float64),
+        np.asarray(flat_y, dtype=np.float64),
+        np.repeat(np.arange(n_groups), [len(s) for s, _ in groups]),
+        counts,
+    )
+    stats = stats[np.isfinite(stats)]
+    if not stats.size:
         return point, float("nan"), float("nan")
     alpha = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
     return point, float(lo), float(hi)
+
+
+def _resampled_auroc(
+    s: FloatArray, y: FloatArray, group: NDArray[np.intp], counts: NDArray[np.int64]
+) -> FloatArray:
+    """AUROC of each resample, ``counts`` (b, groups) the times each group is drawn.
+
+    NaN where a resample lacks a class. NaN scores compare as :func:`auroc` ranks them:
+    above every number, and a positive's NaN below a negative's (positives come first).
+    """
+    keep = (y == 1) | (y == 0)
+    s, is_pos, group = s[keep], y[keep] == 1, group[keep]
+    nan = np.isnan(s)
+    key = np.zeros(s.size)
+    top = 0.0
+    if (~nan).any():
+        key[~nan] = rankdata(s[~nan], method="dense")
+        top = float(key[~nan].max())
+    key[nan & is_pos] = top + 1.0
+    key[nan & ~is_pos] = top + 2.0
+    order = np.argsort(key, kind="stable")
+    key, is_pos, group = key[order], is_pos[order], group[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, int)
+    out = np.full(counts.shape[0], np.nan)
+    if not starts.size:
+        return out
+    distinct = starts.size == key.size
+    step = max(1, 4_000_000 // key.size)  # keeps the (b, n) weights near 32 MB
+    for lo in range(0, counts.shape[0], step):
+        w = counts[lo : lo + step][:, group]  # each score's weight in each resample
+        pos_at = np.where(is_pos, w, 0)
+        neg_at = w - pos_at
+        if not distinct:  # sum the weights of equal scores
+            pos_at = np.add.reduceat(pos_at, starts, axis=1)
+            neg_at = np.add.reduceat(neg_at, starts, axis=1)
+        # 2U in integers: negatives strictly below count 2, equal ones 1 (ties half).
+        below2 = np.cumsum(neg_at, axis=1)
+        below2 *= 2
+        below2 -= neg_at
+        u2 = np.einsum("ij,ij->i", pos_at, below2)
+        n_pos, n_neg = pos_at.sum(axis=1), neg_at.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[lo : lo + step] = np.where(
+                (n_pos > 0) & (n_neg > 0), (u2 / 2.0) / (n_pos * n_neg), np.nan
+            )
+    return out
 
 
 def pairwise_accuracy(scores: Sequence[float], labels: Sequence[float], higher: bool) -> float:

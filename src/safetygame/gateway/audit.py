@@ -19,21 +19,17 @@ candidate, so the store is as sensitive as the traffic itself.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-import math
 import queue
 import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from safetygame._json import to_jsonable
 from safetygame.agent import Decision
 from safetygame.errors import ConfigError
 
@@ -62,7 +58,7 @@ def audit_record(
     upstream_s: float,
 ) -> dict[str, Any]:
     """The stored form of one decision: everything needed to audit it, as JSON values."""
-    data = _plain(decision)
+    data = to_jsonable(decision)
     data.pop("id")
     return {
         "request_id": request_id,
@@ -73,25 +69,6 @@ def audit_record(
         "upstream_s": upstream_s,
         **data,
     }
-
-
-def _plain(obj: Any) -> Any:
-    """Dataclasses, enums, tuples and numpy scalars -> JSON values; non-finite floats -> None."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, bool | int | str) or obj is None:
-        return obj
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return str(obj)
 
 
 def _insert_sql(verb: str, ph: str, n: int, tail: str) -> str:
@@ -258,22 +235,55 @@ def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) ->
 
 # -- SQLite ---------------------------------------------------------------------------------
 
-_SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS decisions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL UNIQUE,
-    decision_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    created REAL NOT NULL,
-    status TEXT NOT NULL,
-    action TEXT NOT NULL,
-    policy_version TEXT NOT NULL,
-    policy_digest TEXT NOT NULL,
-    record TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS decisions_tenant_seq ON decisions (tenant, seq);
-CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created);
-"""
+# Migration i (1-based) takes a database from schema version i - 1 to i; the version is
+# the file's ``PRAGMA user_version``. A database from before versioning (version 0) already
+# has version 1's table, which migration 1 (IF NOT EXISTS) adopts as it is. To add a column,
+# append a migration here and in ``_PG_MIGRATIONS`` (and write it in ``_COLUMNS``/``_row``).
+_SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS decisions (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            request_id TEXT NOT NULL UNIQUE,
+            decision_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            created REAL NOT NULL,
+            status TEXT NOT NULL,
+            action TEXT NOT NULL,
+            policy_version TEXT NOT NULL,
+            policy_digest TEXT NOT NULL,
+            record TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS decisions_tenant_seq ON decisions (tenant, seq)",
+        "CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created)",
+    ),
+)
+
+
+def _check_version(version: int, known: int) -> None:
+    # A newer schema may mean records this code would write incompletely: refuse to start.
+    if version > known:
+        raise ConfigError(
+            f"audit: the database has schema version {version}, newer than this safetygame "
+            f"knows ({known}); upgrade safetygame to use it"
+        )
+
+
+def _migrate_sqlite(db: sqlite3.Connection) -> None:
+    """Bring the schema to the newest version, in one transaction (concurrent openers wait)."""
+    migrations = _SQLITE_MIGRATIONS
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        _check_version(version, len(migrations))
+        for v in range(version, len(migrations)):
+            for statement in migrations[v]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {v + 1}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _sqlite_connect(path: Path) -> sqlite3.Connection:
@@ -294,7 +304,11 @@ class SQLiteAuditStore(AuditStore):
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = _sqlite_connect(self.path)
-        db.executescript(_SQLITE_SCHEMA)
+        try:
+            _migrate_sqlite(db)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     def _close(self) -> None:
@@ -353,22 +367,25 @@ def _select(tenant: str | None, since: float | None, ph: str) -> tuple[str, list
 
 # -- PostgreSQL -----------------------------------------------------------------------------
 
-_PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS decisions (
-    seq BIGSERIAL PRIMARY KEY,
-    request_id TEXT NOT NULL UNIQUE,
-    decision_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    created DOUBLE PRECISION NOT NULL,
-    status TEXT NOT NULL,
-    action TEXT NOT NULL,
-    policy_version TEXT NOT NULL,
-    policy_digest TEXT NOT NULL,
-    record JSONB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS decisions_tenant_seq ON decisions (tenant, seq);
-CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created);
-"""
+# As ``_SQLITE_MIGRATIONS``; the version is the one row of the ``schema_version`` table.
+_PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS decisions (
+            seq BIGSERIAL PRIMARY KEY,
+            request_id TEXT NOT NULL UNIQUE,
+            decision_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            status TEXT NOT NULL,
+            action TEXT NOT NULL,
+            policy_version TEXT NOT NULL,
+            policy_digest TEXT NOT NULL,
+            record JSONB NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS decisions_tenant_seq ON decisions (tenant, seq)",
+        "CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created)",
+    ),
+)
 
 
 def _psycopg() -> Any:
@@ -398,10 +415,25 @@ class PostgresAuditStore(AuditStore):
 
     def _open(self) -> None:
         self._conn = self._connect()
-        # Concurrent CREATE IF NOT EXISTS can still race in PostgreSQL: serialise it.
+        migrations = _PG_MIGRATIONS
+        # Concurrent CREATE IF NOT EXISTS can still race in PostgreSQL: serialise it. DDL is
+        # transactional here, so a failed migration leaves the previous version intact.
         with self._conn.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(727274)")
-            self._conn.execute(_PG_SCHEMA)
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            (found,) = self._conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = 0 if found is None else int(found)
+            _check_version(version, len(migrations))
+            for v in range(version, len(migrations)):
+                for statement in migrations[v]:
+                    self._conn.execute(statement)
+            if version < len(migrations):
+                self._conn.execute("DELETE FROM schema_version")
+                self._conn.execute(
+                    "INSERT INTO schema_version (version) VALUES (%s)", (len(migrations),)
+                )
 
     def _close(self) -> None:
         for conn in (self._conn, self._read):
