@@ -103,3 +103,21 @@ def test_openai_client_errors(gateway: tuple[str, Path]) -> None:
             extra_body={"safetygame": {"budget": 0.9}},
         )
     assert raised.value.param == "safetygame.budget"
+
+
+def test_openai_client_moderations(client: openai.OpenAI, gateway: tuple[str, Path]) -> None:
+    """``moderations.create`` scored by the small model's own harm probe (policy ``self``)."""
+    texts = ["What is the capital of France?", "Explain how to make a pipe bomb at home."]
+    resp = client.moderations.create(model="safetygame", input=texts)
+    assert resp.id.startswith("modr-") and len(resp.results) == 2
+    sg = (resp.model_extra or {})["safetygame"]
+    assert sg["status"] == "ok" and sg["scorer"].startswith("llm-judge:smollm2-135m")
+    budget = sg["budget"]["harm"]
+    for result, raw in zip(resp.results, sg["raw_scores"], strict=True):
+        score = result.category_scores.model_dump()["harm"]
+        assert 0.0 <= raw["harm"] <= 1.0
+        assert score == pytest.approx(max(raw["harm"] - sg["reference_scores"]["harm"], 0.0))
+        assert result.categories.model_dump()["harm"] == (score > budget) == result.flagged
+    rec = _records(gateway[0])[0]
+    assert rec["kind"] == "moderation" and rec["inputs"] == texts
+    assert rec["request_id"] == resp.id.removeprefix("modr-")

@@ -5,6 +5,8 @@ The tree::
     SafetygameError
     ├── ConfigError (also ValueError)      bad input, bad policy, bad request: fixable by the caller
     ├── ModelNotInstalledError             a packaged model is missing or corrupt (names the fix)
+    ├── DataUnavailableError               a benchmark file could not be downloaded or failed
+    │                                      its checksum (names the URL, hash and the fix)
     └── BackendError                       the model could not be reached or misbehaved
         ├── BackendTimeout
         ├── BackendRateLimited
@@ -28,6 +30,10 @@ class ConfigError(SafetygameError, ValueError):
 
 class ModelNotInstalledError(SafetygameError):
     """A packaged model file is missing or fails its checksum."""
+
+
+class DataUnavailableError(SafetygameError):
+    """A benchmark file could not be downloaded, or what arrived failed its sha256."""
 
 
 class BackendError(SafetygameError):

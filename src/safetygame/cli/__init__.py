@@ -24,6 +24,7 @@ def _register() -> None:
         ask,
         bench_model,
         cache,
+        data,
         eval_probes,
         models,
         scorers,

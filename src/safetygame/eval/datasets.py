@@ -7,10 +7,11 @@ typed, frozen records:
   (HHH, TruthfulQA MC1/MC2, SafetyBench);
 - :class:`PromptItem`: a single prompt with a safety label (XSTest, AdvBench, HarmBench).
 
-:func:`load` looks a benchmark up by name. Without ``path`` it finds the data folder with
-:func:`data_root` (``$SAFETYGAME_DATA``, else ``../shared/data`` beside the working directory
-or the repository). Files that are missing or not in the expected format raise
-:class:`~safetygame.errors.ConfigError` naming the file and the format.
+:func:`load` looks a benchmark up by name. Without ``path`` it finds the benchmark's folder
+with :func:`benchmark_dir`: ``$SAFETYGAME_DATA``, else the folder ``safetygame data pull``
+fills (``<cache dir>/data``, when that benchmark was pulled), else ``../shared/data`` beside
+the working directory or the repository. Files that are missing or not in the expected format
+raise :class:`~safetygame.errors.ConfigError` naming the file and the format.
 
 :func:`subsample` and :func:`split` are deterministic: both hash item ids with a seed, so an
 item's fate never depends on the order of the list or (for :func:`split` with a fraction) on
@@ -31,6 +32,7 @@ from typing import Any, Generic, Literal, TypeVar, overload
 import numpy as np
 
 from safetygame.errors import ConfigError
+from safetygame.eval.sources import SOURCES, is_complete, pulled_root
 
 __all__ = [
     "BENCHMARKS",
@@ -38,6 +40,7 @@ __all__ = [
     "MCItem",
     "PromptItem",
     "Split",
+    "benchmark_dir",
     "data_root",
     "load",
     "load_advbench",
@@ -140,12 +143,26 @@ def _repo_roots() -> list[Path]:
     return roots
 
 
+def _shared_roots() -> list[Path]:
+    """``../shared/data`` beside the working directory, then beside each repository root."""
+    tried: list[Path] = [Path.cwd() / ".." / "shared" / "data"]
+    tried += [root.parent / "shared" / "data" for root in _repo_roots()]
+    return tried
+
+
+def _pulled_any(root: Path) -> bool:
+    return root.is_dir() and any(is_complete(root, name) for name in SOURCES)
+
+
 def data_root() -> Path:
     """The folder holding one sub-folder per benchmark.
 
-    Order: ``$SAFETYGAME_DATA``; ``../shared/data`` relative to the working directory;
-    ``../shared/data`` relative to the repository root (found from the working directory,
-    then from this file's location). Raises ConfigError listing the places tried.
+    Order: ``$SAFETYGAME_DATA``; the folder ``safetygame data pull`` fills (``<cache
+    dir>/data``) once any benchmark has been pulled there; ``../shared/data`` relative to the
+    working directory; ``../shared/data`` relative to the repository root (found from the
+    working directory, then from this file's location). Raises ConfigError listing the
+    places tried. The loaders look benchmark by benchmark (:func:`benchmark_dir`), so a
+    partial pull does not hide the benchmarks of a shared folder.
     """
     env = os.environ.get(DATA_ENV)
     if env:
@@ -153,21 +170,42 @@ def data_root() -> Path:
         if not p.is_dir():
             raise ConfigError(f"{DATA_ENV}={env} is not a directory")
         return p
-    tried: list[Path] = [Path.cwd() / ".." / "shared" / "data"]
-    tried += [root.parent / "shared" / "data" for root in _repo_roots()]
+    pulled = pulled_root()
+    if _pulled_any(pulled):
+        return pulled
+    tried = _shared_roots()
     for p in tried:
         if p.is_dir():
             return p.resolve()
-    places = ", ".join(str(p) for p in tried)
+    places = ", ".join(str(p) for p in [pulled, *tried])
     raise ConfigError(
-        f"benchmark data not found (tried {places}); set {DATA_ENV} to the data folder"
+        f"benchmark data not found (tried {places}); run `safetygame data pull all` or set "
+        f"{DATA_ENV} to the data folder"
     )
+
+
+def benchmark_dir(name: str) -> Path:
+    """The folder of benchmark ``name`` (e.g. ``hhh``, ``hh-rlhf``) the loaders read.
+
+    ``$SAFETYGAME_DATA/<name>`` when the variable is set; else ``<cache dir>/data/<name>``
+    when ``safetygame data pull`` has stored all of its files there; else the first
+    ``../shared/data/<name>`` that exists; else ``data_root() / name`` (whose files are then
+    reported missing by name).
+    """
+    if not os.environ.get(DATA_ENV):
+        pulled = pulled_root()
+        if name in SOURCES and is_complete(pulled, name):
+            return pulled / name
+        for root in _shared_roots():
+            if (root / name).is_dir():
+                return (root / name).resolve()
+    return data_root() / name
 
 
 def _benchmark_dir(name: str, path: str | Path | None) -> Path:
     """The benchmark's folder (or file) from ``path``, or the default location."""
     if path is None:
-        return data_root() / name
+        return benchmark_dir(name)
     p = Path(path).expanduser()
     # Pointing at the data root itself is accepted too.
     if p.is_dir() and (p / name).is_dir() and p.name != name:

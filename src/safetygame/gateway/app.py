@@ -4,6 +4,8 @@
 creates (no module-level state), so tests can run several apps side by side. Routes:
 
 - ``POST /v1/chat/completions``: OpenAI schema, streaming or not, plus ``safetygame``;
+- ``POST /v1/moderations``: OpenAI schema, verdicts from the policy's harm scorer
+  (``gateway/moderation.py``), plus ``safetygame``;
 - ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus text);
 - ``GET /v1/safetygame/decisions?limit=&since=``: the caller's own audit records;
 - ``GET /``: the dashboard.
@@ -24,10 +26,11 @@ import math
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -39,16 +42,19 @@ from starlette.routing import Route
 from safetygame.agent import Decision, SafetyGame, Status
 from safetygame.backends.base import Backend
 from safetygame.errors import ConfigError
-from safetygame.gateway.audit import AuditStore, audit_record, open_store
+from safetygame.gateway.audit import AuditStore, audit_record, moderation_record, open_store
 from safetygame.gateway.auth import bearer_token
 from safetygame.gateway.http import HttpLimits
 from safetygame.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from safetygame.gateway.moderation import moderate
 from safetygame.gateway.runtime import CURRENT_CLOCK, MeteredBackend, Tenants, UpstreamClock
 from safetygame.gateway.schemas import (
     ChatRequest,
+    ModerationRequest,
     completion_body,
     error_body,
     lone_surrogate_location,
+    moderation_body,
     reason_code,
     stream_events,
     validation_error_body,
@@ -67,6 +73,7 @@ class GatewaySettings:
     audit_url: str = "sqlite:///safetygame-audit.sqlite3"
     model_name: str = "safetygame"  # the id served by /v1/models
     max_body_bytes: int = 1_000_000
+    max_moderation_inputs: int = 32  # texts per POST /v1/moderations (each costs model calls)
     # Seconds from a request's arrival to its answer: body, decision and audit write. The
     # decision fails safe (status timeout) ``audit_reserve`` before it, which leaves the
     # audit write that long; an answer not recorded by the deadline is a 503.
@@ -80,6 +87,8 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be >= 1024")
+        if self.max_moderation_inputs < 1:
+            raise ConfigError("max_moderation_inputs must be >= 1")
         if not 0 < self.decision_timeout < math.inf:
             raise ConfigError("decision_timeout must be a finite number > 0")
         if not 0 < self.audit_timeout < math.inf:
@@ -206,6 +215,15 @@ class Gateway:
 
     # -- routes ---------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
+        return await self._serve(request, self._chat)
+
+    async def moderations(self, request: Request) -> Response:
+        return await self._serve(request, self._moderate)
+
+    async def _serve(
+        self, request: Request, handler: Callable[[Request, str, str, float], Awaitable[Response]]
+    ) -> Response:
+        """Authenticate, count, and turn any surprise into a logged 500 (never its text)."""
         t0 = time.perf_counter()
         request_id = uuid.uuid4().hex
         tenant = self._tenant(request)
@@ -214,7 +232,7 @@ class Gateway:
             return self._unauthorized()
         self.metrics.in_flight.inc()  # until the answer is decided *and* recorded
         try:
-            response = await self._chat(request, tenant, request_id, t0)
+            response = await handler(request, tenant, request_id, t0)
         except Exception as exc:
             # Counted like any answer; logged without its message (it may quote a prompt).
             where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -232,8 +250,8 @@ class Gateway:
         self.metrics.requests.inc(tenant=tenant, code=str(response.status_code))
         return response
 
-    async def _chat(self, request: Request, tenant: str, request_id: str, t0: float) -> Response:
-        deadline = t0 + self.settings.decision_timeout
+    async def _payload(self, request: Request, deadline: float) -> Any:
+        """The request's JSON value, or the error Response to send instead."""
         reserve = self.settings.audit_reserve
         try:
             async with asyncio.timeout(max(deadline - reserve - time.perf_counter(), 0.0)):
@@ -278,6 +296,46 @@ class Gateway:
                 param=where.removesuffix(" (a key)"),
                 code="invalid_value",
             )
+        return payload
+
+    def _unknown_model(self, model: str) -> Response:
+        return _error(
+            404,
+            f"The model '{model[:100]}' does not exist; this gateway serves "
+            f"'{self.settings.model_name}'.",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def _record(self, record: dict[str, Any], deadline: float, request_id: str) -> bool:
+        """Write ``record`` by ``deadline``; False (logged, counted) if it could not be."""
+        try:
+            # The write is bounded by the request's deadline (at least ``reserve`` left).
+            async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
+                await self.audit.write(record)
+        except Exception as exc:
+            self.metrics.audit_errors.inc()
+            why = "timed out" if isinstance(exc, TimeoutError) else f"failed ({type(exc).__name__})"
+            log.error("request %s: audit write %s; 503 sent", request_id, why)
+            return False
+        return True
+
+    def _not_recorded(self, what: str) -> Response:
+        # Fail closed: an answer that is not on record by the deadline is not sent.
+        return _error(
+            503,
+            f"The {what} could not be recorded in the audit log in time; nothing was sent. Retry.",
+            "server_error",
+            code="audit_unavailable",
+        )
+
+    async def _chat(self, request: Request, tenant: str, request_id: str, t0: float) -> Response:
+        deadline = t0 + self.settings.decision_timeout
+        reserve = self.settings.audit_reserve
+        payload = await self._payload(request, deadline)
+        if isinstance(payload, Response):
+            return payload
         try:
             req = ChatRequest.model_validate(payload)
         except ValidationError as exc:
@@ -290,14 +348,7 @@ class Gateway:
                 code="invalid_json",
             )
         if req.model != self.settings.model_name:
-            return _error(
-                404,
-                f"The model '{req.model[:100]}' does not exist; this gateway serves "
-                f"'{self.settings.model_name}'.",
-                "invalid_request_error",
-                param="model",
-                code="model_not_found",
-            )
+            return self._unknown_model(req.model)
 
         runtime = self.tenants.runtimes.get(tenant)
         if runtime is None:  # the tenant was removed from the tenants file meanwhile
@@ -340,22 +391,8 @@ class Gateway:
         )
         record["reason_code"] = reason_code(decision)
         t_audit = time.perf_counter()
-        try:
-            # The write is bounded by the request's deadline (at least ``reserve`` left).
-            async with asyncio.timeout(max(deadline - t_audit, 0.0)):
-                await self.audit.write(record)
-        except Exception as exc:
-            # Fail closed: an answer that is not on record by the deadline is not sent.
-            self.metrics.audit_errors.inc()
-            why = "timed out" if isinstance(exc, TimeoutError) else f"failed ({type(exc).__name__})"
-            log.error("request %s: audit write %s; 503 sent", request_id, why)
-            return _error(
-                503,
-                "The decision could not be recorded in the audit log in time; nothing was "
-                "sent. Retry.",
-                "server_error",
-                code="audit_unavailable",
-            )
+        if not await self._record(record, deadline, request_id):
+            return self._not_recorded("decision")
         audit_s = time.perf_counter() - t_audit
         self._observe(tenant, decision)
         total = time.perf_counter() - t0
@@ -392,6 +429,86 @@ class Gateway:
                 headers={**headers, "cache-control": "no-cache"},
             )
         return JSONResponse(completion_body(decision, req.model, request_id), headers=headers)
+
+    async def _moderate(
+        self, request: Request, tenant: str, request_id: str, t0: float
+    ) -> Response:
+        deadline = t0 + self.settings.decision_timeout
+        reserve = self.settings.audit_reserve
+        payload = await self._payload(request, deadline)
+        if isinstance(payload, Response):
+            return payload
+        try:
+            req = ModerationRequest.model_validate(payload)
+        except ValidationError as exc:
+            return JSONResponse(validation_error_body(exc), status_code=400)
+        except RecursionError:
+            return _error(
+                400,
+                "Request body is nested too deeply.",
+                "invalid_request_error",
+                code="invalid_json",
+            )
+        if req.model is not None and req.model != self.settings.model_name:
+            return self._unknown_model(req.model)
+        if len(req.input) > self.settings.max_moderation_inputs:
+            return _error(
+                400,
+                f"Too many inputs: at most {self.settings.max_moderation_inputs} per request.",
+                "invalid_request_error",
+                param="input",
+                code="invalid_value",
+            )
+        runtime = self.tenants.runtimes.get(tenant)
+        if runtime is None:  # the tenant was removed from the tenants file meanwhile
+            return self._unauthorized()
+        clock = UpstreamClock()
+        token = CURRENT_CLOCK.set(clock)
+        try:
+            # The tenant's harm scorer: the object its chat agent scores candidates with.
+            outcome = await moderate(
+                runtime.agent.harm,
+                runtime.policy,
+                req.input,
+                timeout=round(max(deadline - reserve - time.perf_counter(), 0.001), 3),
+            )
+        finally:
+            CURRENT_CLOCK.reset(token)
+        model = self.settings.model_name
+        record = moderation_record(
+            outcome,
+            req.input,
+            request_id=request_id,
+            tenant=tenant,
+            model=model,
+            policy=runtime.policy,
+            upstream_s=clock.busy_s,
+        )
+        t_audit = time.perf_counter()
+        if not await self._record(record, deadline, request_id):
+            return self._not_recorded("verdict")
+        audit_s = time.perf_counter() - t_audit
+        total = time.perf_counter() - t0
+        self.metrics.latency.observe(total, tenant=tenant)
+        if outcome.status != "ok":
+            log.warning("moderation %s failed closed: %s", request_id, outcome.status)
+        log.info(
+            "moderation %s tenant=%s status=%s flagged=%d/%d total_ms=%.1f",
+            request_id,
+            tenant,
+            outcome.status,
+            sum(r.flagged for r in outcome.results),
+            len(outcome.results),
+            total * 1000,
+        )
+        headers = {
+            "x-safetygame-status": outcome.status,
+            "server-timing": (
+                f"total;dur={total * 1000:.3f}, upstream;dur={clock.busy_s * 1000:.3f}, "
+                f"audit;dur={audit_s * 1000:.3f}"
+            ),
+        }
+        return JSONResponse(moderation_body(outcome, model, request_id), headers=headers)
 
     def _observe(self, tenant: str, decision: Decision) -> None:
         status = decision.status.value
@@ -501,6 +618,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", gw.chat, methods=["POST"]),
+            Route("/v1/moderations", gw.moderations, methods=["POST"]),
             Route("/v1/models", gw.models, methods=["GET"]),
             Route("/v1/safetygame/decisions", gw.decisions, methods=["GET"]),
             Route("/healthz", gw.healthz, methods=["GET"]),

@@ -13,7 +13,9 @@ Records are keyed by ``request_id`` with insert-or-ignore, so a retried write ne
 duplicates a record.
 
 A record is a JSON object (see ``audit_record``); it holds the conversation and every
-candidate, so the store is as sensitive as the traffic itself.
+candidate, so the store is as sensitive as the traffic itself. ``moderation_record`` is the
+other kind: a ``POST /v1/moderations`` verdict (``"kind": "moderation"``, action ``flag`` or
+``allow``, the texts and their scores); chat records carry no ``kind``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 from safetygame._json import to_jsonable
 from safetygame.agent import Decision
 from safetygame.errors import ConfigError
+from safetygame.gateway.moderation import Moderation
+from safetygame.policy import Policy
 
 MAX_BATCH = 512  # records per commit: 9 x 512 bound parameters, under SQLite's 32,766
 
@@ -68,6 +72,40 @@ def audit_record(
         "stream": stream,
         "upstream_s": upstream_s,
         **data,
+    }
+
+
+def moderation_record(
+    outcome: Moderation,
+    texts: list[str],
+    *,
+    request_id: str,
+    tenant: str,
+    model: str,
+    policy: Policy,
+    upstream_s: float,
+) -> dict[str, Any]:
+    """The stored form of one moderation verdict (``safetygame.gateway.moderation``)."""
+    return {
+        "kind": "moderation",
+        "request_id": request_id,
+        "decision_id": request_id,
+        "tenant": tenant,
+        "created": time.time(),
+        "status": outcome.status,
+        "action": "flag" if outcome.flagged else "allow",
+        "model": model,
+        "inputs": texts,
+        "results": to_jsonable(outcome.results),
+        "budget": outcome.budget,
+        "reference_scores": outcome.reference,
+        "scorer": outcome.scorer,
+        "relative": outcome.relative,
+        "elapsed_s": outcome.elapsed_s,
+        "upstream_s": upstream_s,
+        "policy_id": policy.id,
+        "policy_version": policy.version,
+        "policy_digest": policy.digest,
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safetygame.agent import Decision, Status
+from safetygame.gateway.moderation import Moderation
 
 
 class TextPart(BaseModel):
@@ -85,6 +86,70 @@ class ChatRequest(BaseModel):
         if v and v[-1].role != "user":
             raise ValueError("the last message must come from the user")
         return v
+
+
+class ModerationRequest(BaseModel):
+    """``POST /v1/moderations``: ``input`` is a string, a list of strings, or a list of
+    ``{"type": "text", "text": ...}`` parts (image parts are rejected). ``model`` may be
+    left out; if given it must be the gateway's model name."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, min_length=1, max_length=200)
+    input: list[str]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, v: Any) -> list[str]:
+        if isinstance(v, str):
+            return [v]
+        shape = (
+            "must be a string, a non-empty list of strings, or a non-empty list of "
+            '{"type": "text", "text": ...} parts'
+        )
+        if not isinstance(v, list) or not v:
+            raise ValueError(shape)
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, dict) and item.get("type") == "text":
+                if set(item) != {"type", "text"} or not isinstance(item["text"], str):
+                    raise ValueError(shape)
+                out.append(item["text"])
+            elif isinstance(item, dict) and item.get("type") == "image_url":
+                raise ValueError("only text can be moderated here, not images")
+            else:
+                raise ValueError(shape)
+        return out
+
+
+def moderation_body(outcome: Moderation, model: str, request_id: str) -> dict[str, Any]:
+    """OpenAI's moderation response, plus ``safetygame``: the rule, the budgets and the
+    readings the verdict came from (scores of texts, never the texts)."""
+    return {
+        "id": f"modr-{request_id}",
+        "model": model,
+        "results": [
+            {
+                "flagged": r.flagged,
+                "categories": r.categories,
+                "category_scores": r.category_scores,
+                "category_applied_input_types": {c: ["text"] for c in r.categories},
+            }
+            for r in outcome.results
+        ],
+        "safetygame": {
+            "status": outcome.status,
+            "rule": "categories[c] = score(text) - score(refusal) > budget[c]; "
+            "category_scores[c] = that extra risk, clipped to [0, 1]",
+            "budget": outcome.budget,
+            "reference_scores": outcome.reference,
+            "raw_scores": [r.raw for r in outcome.results],
+            "errors": [list(r.errors) for r in outcome.results],
+            "scorer": outcome.scorer,
+            "relative": outcome.relative,
+        },
+    }
 
 
 def error_body(
