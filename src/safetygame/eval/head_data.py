@@ -304,12 +304,11 @@ def training_set(
 ) -> tuple[LabelledSet, LabelledSet]:
     """(train, dev): train = hh-rlhf train pairs + AdvBench + XSTest harness-dev candidates;
     dev = hh-rlhf dev pairs (for choosing the pooling, objective and ridge)."""
-    root = datasets.data_root()
-    hh = root / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    hh = datasets.benchmark_dir("hh-rlhf") / "harmless-base-test.jsonl.gz"
     train = hh_pairs(hh, "train", recipe.hh_train, recipe.seed)
     train.extend(advbench_rows(recipe.advbench, policy.refusal, recipe.seed))
     if recipe.moderation:
-        mod = root / "openai-moderation" / "samples-1680.jsonl.gz"
+        mod = datasets.benchmark_dir("openai-moderation") / "samples-1680.jsonl.gz"
         train.extend(moderation_rows(mod, recipe.moderation, recipe.seed))
     dev_items, _ = xstest_split(recipe.seed)
     if xstest_limit is not None:

@@ -35,7 +35,7 @@ from safetygame.backends.base import Backend
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendUnsupported, ConfigError
 from safetygame.eval import head_data as hd
-from safetygame.eval.datasets import data_root
+from safetygame.eval.datasets import benchmark_dir
 from safetygame.eval.probe_quality import (
     SOURCES,
     auroc,
@@ -204,7 +204,6 @@ async def train_heads(
                         "dev_score": float(np.nanmean([hh, cv])),
                     }
                 )
-    data = data_root()
     provenance = {
         "recipe": asdict(recipe),
         "xstest_limit": xstest_limit,
@@ -213,11 +212,12 @@ async def train_heads(
         "pairs": len(train.pairs),
         "notes": train.notes | dev.notes,
         "data_sha256": {
-            rel: _sha256(data / rel)
-            for rel in (
-                "hh-rlhf/harmless-base-test.jsonl.gz",
-                "advbench/harmful_behaviors.csv",
-                "xstest/xstest_prompts.csv",
+            f"{bench}/{name}": _sha256(benchmark_dir(bench) / name)
+            for bench, name in (
+                ("hh-rlhf", "harmless-base-test.jsonl.gz"),
+                ("advbench", "harmful_behaviors.csv"),
+                ("xstest", "xstest_prompts.csv"),
+                *([("openai-moderation", "samples-1680.jsonl.gz")] if recipe.moderation else []),
             )
         },
         "policy_refusal_sha256": hashlib.sha256(policy.refusal.encode()).hexdigest(),
