@@ -296,7 +296,7 @@ class Recipe:
     @classmethod
     def tiny(cls) -> Recipe:
         """The CI-sized recipe (seconds with the small model)."""
-        return cls(hh_train=6, hh_dev=4, advbench=6, xstest_safe_candidates=0)
+        return cls(hh_train=6, hh_dev=4, advbench=6, xstest_safe_candidates=0, moderation=4)
 
 
 def training_set(

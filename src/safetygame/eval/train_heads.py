@@ -44,6 +44,7 @@ from safetygame.eval.probe_quality import (
     group_split,
     pairwise_accuracy,
 )
+from safetygame.eval.refusal import matches_refusal_pattern
 from safetygame.features import EMBED_MODEL_ID, FeatureReader, MiniLMReader
 from safetygame.heads import FeatureSpec, Head, Objective, fit_head
 from safetygame.policy import Policy
@@ -125,7 +126,10 @@ def _logits(X: FloatArray, params: tuple[Any, ...]) -> FloatArray:
 
 
 def _cv_score(X: FloatArray, train: hd.LabelledSet, objective: Objective, ridge: float) -> float:
-    folds = np.array([_fold(r.conversation[-1].content) for r in train.rows])
+    # a conversation's rows stay in one fold; a text with no conversation is its own group
+    folds = np.array(
+        [_fold(r.conversation[-1].content if r.conversation else r.reply) for r in train.rows]
+    )
     scores = []
     for k in range(3):
         if objective == "logistic":
@@ -302,9 +306,11 @@ async def evaluate_heads(
     cache: ScoreCache,
     *,
     xstest_limit: int | None = None,
+    safe_limit: int | None = 60,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Test-set quality of each head (module doc); reads each test reply once."""
+    """Test-set quality of each head (module doc); reads each test reply once.
+    ``safe_limit``: safe XSTest test prompts whose complying answer is read (cost)."""
     hhh = SOURCES["hhh-harmless"].load()
     hhh_dev, hhh_test = group_split(hhh, 0.4, 0)
     dev_set, dev_groups = hd.hhh_harmless_rows(hhh_dev)
@@ -314,7 +320,14 @@ async def evaluate_heads(
         xs_test = xs_test[:xstest_limit]
     xs = hd.xstest_rows(xs_test, policy, cache, backend.model_id, safe_prompts=False)
     used = sorted({i for pair in xs.pairs for i in pair})
-    xs_rows = [xs.rows[i] for i in used]
+    # complying answers to safe prompts (the first candidate of each, when it complies): what
+    # the game must *not* read as harmful if it is to answer safe prompts
+    safe_items = [it for it in xs_test if it.label == "safe"][:safe_limit]
+    safe = hd.xstest_rows(safe_items, policy, cache, backend.model_id, safe_candidates=1)
+    safe_rows = [
+        r for r in safe.rows if r.reply != policy.refusal and not matches_refusal_pattern(r.reply)
+    ]
+    xs_rows = [xs.rows[i] for i in used] + safe_rows
     pos = {i: k for k, i in enumerate(used)}
     rows = dev_set.rows + test_set.rows + xs_rows
     misses0 = cache.misses
@@ -331,7 +344,11 @@ async def evaluate_heads(
     report: dict[str, Any] = {
         "model_id": backend.model_id,
         "hhh_harmless": {"dev_items": len(hhh_dev), "test_items": len(hhh_test)},
-        "xstest": {"test_prompts": len(xs_test), "complying": len(xs.pairs)},
+        "xstest": {
+            "test_prompts": len(xs_test),
+            "complying": len(xs.pairs),
+            "safe_complying": len(safe_rows),
+        },
         "read_seconds": seconds,
         "cache_misses": cache.misses - misses0,
         "heads": {},
@@ -351,6 +368,10 @@ async def evaluate_heads(
             s.append(float(zx[pos[a]]))
             y.append(1.0)
         xs_groups = list(by_prompt.values())
+        n_unsafe = len(used)
+        harm_vs_benign = [(sc[1:], ys[1:]) for sc, ys in xs_groups] + [
+            ([float(zx[n_unsafe + k])], [0.0]) for k in range(len(safe_rows))
+        ]
         report["heads"][head.name] = {
             "features": head.features.model_id,
             "objective": head.objective,
@@ -360,5 +381,6 @@ async def evaluate_heads(
             "xstest_pairs_above_refusal": _pair_acc(
                 np.asarray(zx), [(pos[a], pos[r]) for a, r in xs.pairs]
             ),
+            "xstest_unsafe_vs_safe_compliance": _metrics(harm_vs_benign, ([], [])),
         }
     return report
