@@ -73,9 +73,11 @@ def list_cmd(as_json: bool) -> None:
     from safetygame.scorers import DESIGNS, shipped_heads
 
     quality: dict[str, Any] = {}
+    ms: dict[str, Any] = {}
     qfile = HEADS_DIR / QUALITY_FILE
     if qfile.is_file():
-        quality = json.loads(qfile.read_text(encoding="utf-8")).get("heads", {})
+        report = json.loads(qfile.read_text(encoding="utf-8"))
+        quality, ms = report.get("heads", {}), report.get("ms_per_read", {})
     rows: list[dict[str, Any]] = []
     heads = shipped_heads()
     for name in sorted(DESIGNS):
@@ -91,6 +93,7 @@ def list_cmd(as_json: bool) -> None:
                     "design": name,
                     "artefact": f"{h.name} ({h.features.model_id}, {h.features.pooling})",
                     "cost": COSTS[name],
+                    "ms_per_read": ms.get(h.features.model_id),
                     "dev": h.quality.get("dev", {}).get("dev_score"),
                     "hhh_harmless_pair_acc": q.get("hhh_harmless_test", {}).get("pair_acc"),
                     "xstest_auroc": q.get("xstest_complying_vs_refusal", {}).get("auroc"),
@@ -114,6 +117,7 @@ def list_cmd(as_json: bool) -> None:
                     r["design"],
                     r["artefact"] or "-",
                     r["cost"],
+                    "-" if r.get("ms_per_read") is None else f"{r['ms_per_read']:.0f}",
                     _f(r.get("dev")),
                     _f(r.get("hhh_harmless_pair_acc")),
                     _f(r.get("xstest_auroc")),

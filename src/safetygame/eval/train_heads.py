@@ -333,12 +333,19 @@ async def evaluate_heads(
     misses0 = cache.misses
     t0 = time.perf_counter()
     feats: dict[tuple[str, str], FloatArray] = {}
+    cost: dict[str, dict[str, float]] = {}
     for head in heads:
         key = (head.features.model_id, head.features.pooling)
         if key not in feats:
             reader = reader_for(head, backend, cache)
+            m0, t1 = cache.misses, time.perf_counter()
             got = await read_features([reader], rows, progress=progress, desc="test reads")
             feats[key] = got[head.features.pooling]
+            misses, spent = cache.misses - m0, time.perf_counter() - t1
+            # the reading cost of one reply, from the replies this run actually read
+            cost.setdefault(head.features.model_id, {"reads": 0, "seconds": 0.0})
+            cost[head.features.model_id]["reads"] += misses
+            cost[head.features.model_id]["seconds"] += spent if misses else 0.0
     seconds = time.perf_counter() - t0
     n_dev, n_test = len(dev_set.rows), len(test_set.rows)
     report: dict[str, Any] = {
@@ -351,6 +358,9 @@ async def evaluate_heads(
         },
         "read_seconds": seconds,
         "cache_misses": cache.misses - misses0,
+        "ms_per_read": {
+            k: (1000 * v["seconds"] / v["reads"] if v["reads"] else None) for k, v in cost.items()
+        },
         "heads": {},
     }
     for head in heads:
