@@ -108,6 +108,7 @@ def list_cmd(as_json: bool) -> None:
                 "design",
                 "artefact",
                 "cost per reply",
+                "ms/read",
                 "dev",
                 "HHH harmless pair acc",
                 "XSTest AUROC",
