@@ -267,3 +267,30 @@ def test_agent_reads_margins_against_the_refusal() -> None:
     assert bleach.extra_risk["harm"] > 0.4 and bleach.weight == 0.0  # over any budget of 0
     assert d.status == Status.OK and d.chosen_text == "Use vinegar."
     assert d.scorer_ids["harm"].startswith("head:t:")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_scorers_list_shows_every_design_with_its_cost() -> None:
+    from click.testing import CliRunner
+
+    from safetygame.cli import main
+    from safetygame.scorers import DESIGNS
+
+    out = CliRunner().invoke(main, ["scorers", "list", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)["designs"]
+    assert {r["design"] for r in rows} == set(DESIGNS)
+    assert all(r["cost"] != "-" for r in rows)
+
+
+@pytest.mark.parametrize("size", ["hh_train", "hh_train=x", "seed=3", "nope=2"])
+def test_scorers_train_rejects_a_bad_size_before_any_model_work(size: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from safetygame.cli import main
+
+    cache = tmp_path / "c.sqlite"
+    out = CliRunner().invoke(main, ["scorers", "train", "--size", size, "--cache", str(cache)])
+    assert out.exit_code == 2 and "--size" in out.output and not cache.exists()

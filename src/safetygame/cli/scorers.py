@@ -196,8 +196,6 @@ def train_cmd(
     from safetygame.eval.head_data import Recipe
     from safetygame.eval.train_heads import train_heads
 
-    policy = load_policy(policy_ref)
-    cache = _open_cache(cache_path)
     rec = Recipe.tiny() if recipe == "tiny" else Recipe()
     overrides: dict[str, int] = {}
     for item in sizes:
@@ -206,6 +204,8 @@ def train_cmd(
             raise ConfigError(f"--size {item!r}: expected SOURCE=N with SOURCE a recipe field")
         overrides[key] = int(value)
     rec = dataclasses.replace(rec, **overrides)
+    policy = load_policy(policy_ref)
+    cache = _open_cache(cache_path)
 
     async def run() -> Any:
         backend = open_backend(model, upstream, api_key, parallel=1)
