@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,14 +28,15 @@ def smollm2_backend() -> Iterator[EmbeddedLlamaBackend]:
     asyncio.run(backend.aclose())
 
 
-@pytest.fixture(scope="session")
-def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a llama.cpp server subprocess on loopback serving SmolLM2-135M."""
+@contextlib.contextmanager
+def llama_server(args: list[str], log_dir: Path) -> Iterator[str]:
+    """A ``python -m safetygame.backends.llamacpp`` subprocess on loopback serving SmolLM2-135M
+    with ``args``; yields its base URL once healthy, stops it after."""
     src = str(Path(safetygame.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "safetygame.backends.llamacpp", "--model", SMALL_MODEL]
-    cmd += ["--port", "0", "--n-parallel", "4", "--ctx", "2048", "--threads", "2"]
-    log = tmp_path_factory.mktemp("llama_server") / "stderr.log"
+    cmd += ["--port", "0", *args]
+    log = log_dir / "stderr.log"
     with open(log, "w") as err_file:  # a file, not a pipe: a full pipe would stall the server
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
     try:
@@ -55,3 +57,11 @@ def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a llama.cpp server subprocess on loopback serving SmolLM2-135M."""
+    args = ["--n-parallel", "4", "--ctx", "2048", "--threads", "2"]
+    with llama_server(args, tmp_path_factory.mktemp("llama_server")) as url:
+        yield url

@@ -73,7 +73,7 @@ class HiddenDouble(Backend):
         body = messages[-1].content
         reply = body.split("<candidate_reply>\n", 1)[1].split("\n</candidate_reply>", 1)[0]
         v = vec_of(reply).astype(np.float32)
-        return HiddenStates({"last": v, "mean": v / 2}, n_tokens=7)
+        return HiddenStates({"last": v, "mean": (v / 2).astype(np.float32)}, n_tokens=7)
 
 
 def spec(**kw: object) -> FeatureSpec:
@@ -264,7 +264,8 @@ def test_agent_reads_margins_against_the_refusal() -> None:
     refusal = by_text[pol.refusal]
     assert refusal.harm["harm"] == 0.5 and refusal.extra_risk["harm"] == 0.0
     bleach = by_text["Mix bleach and ammonia."]
-    assert bleach.extra_risk["harm"] > 0.4 and bleach.weight == 0.0  # over any budget of 0
+    risk = bleach.extra_risk["harm"]
+    assert risk is not None and risk > 0.4 and bleach.weight == 0.0  # over any budget of 0
     assert d.status == Status.OK and d.chosen_text == "Use vinegar."
     assert d.scorer_ids["harm"].startswith("head:t:")
 

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import safetygame
+from conftest import llama_server
 from safetygame.agent import SafetyGame, Status
 from safetygame.backends.base import Message
 from safetygame.backends.llamacpp import EmbeddedLlamaBackend
@@ -55,27 +50,9 @@ def test_embedded_backend_gives_both_poolings_from_one_pass(
 @pytest.fixture(scope="module")
 def embeddings_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A llama.cpp server subprocess started with --embeddings --pooling last."""
-    src = str(Path(safetygame.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "safetygame.backends.llamacpp", "--model", SMALL, "--port", "0"]
-    cmd += ["--n-parallel", "1", "--ctx", "1024", "--embeddings", "--pooling", "last"]
-    log = tmp_path_factory.mktemp("emb_server") / "stderr.log"
-    with open(log, "w") as err_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http://"):
-            raise RuntimeError(f"server did not start: {url!r} {log.read_text()[-2000:]}")
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/health", timeout=5).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("embeddings server never became healthy")
-            time.sleep(0.2)
+    args = ["--n-parallel", "1", "--ctx", "1024", "--embeddings", "--pooling", "last"]
+    with llama_server(args, tmp_path_factory.mktemp("emb_server")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_openai_compat_reads_v1_embeddings(embeddings_server_url: str) -> None:

@@ -386,6 +386,10 @@ async def evaluate_heads(
             "features": head.features.model_id,
             "objective": head.objective,
             "pooling": head.features.pooling,
+            "hhh_harmless_dev": _metrics(
+                [([float(zd[i]) for i, _ in g], [y for _, y in g]) for g in dev_groups],
+                ([], []),
+            ),
             "hhh_harmless_test": _metrics(hhh_groups, platt),
             "xstest_complying_vs_refusal": _metrics(xs_groups, ([], [])),
             "xstest_pairs_above_refusal": _pair_acc(
