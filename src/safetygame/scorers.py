@@ -552,7 +552,8 @@ class EmbeddingScorer(Scorer):
     async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
         user = next((m.content for m in reversed(conversation) if m.role == "user"), "")
         try:
-            p = float(self.score_many([(user, reply)])[0])
+            # torch off the event loop: a gateway keeps serving other requests meanwhile
+            p = float((await asyncio.to_thread(self.score_many, [(user, reply)]))[0])
         except Exception as exc:  # a local model failing must not crash the caller
             return Score(None, error=f"{type(exc).__name__}: {exc}")
         return Score(p, method="embedding", calls=0)
