@@ -105,6 +105,24 @@ async def cached_yes_no(
     )
 
 
+def quoted_body(
+    conversation: Sequence[Message],
+    replies: Sequence[tuple[str, str]],
+    question: str,
+    *,
+    reminder: bool = True,
+) -> str:
+    """The one layout every judge prompt uses: the conversation and each ``(tag, reply)``
+    quoted in tags, the reminder that tagged text is data, then ``question`` and the
+    one-word instruction."""
+    parts = [f"<conversation>\n{quote_conversation(conversation)}\n</conversation>"]
+    parts += [f"<{tag}>\n{quote(text)}\n</{tag}>" for tag, text in replies]
+    if reminder:
+        parts.append(REMINDER)
+    parts.append(f"{question}\nAnswer with one word, Yes or No.")
+    return "\n\n".join(parts)
+
+
 def judge_messages(
     judge_system: str | None,
     conversation: Sequence[Message],
@@ -117,13 +135,11 @@ def judge_messages(
 
     ``judge_system=None`` and ``reminder=False`` give the short form that learned scorers
     read features from (``safetygame.features``), where every token costs reading time."""
-    turns = quote_conversation(conversation)
-    body = (
-        f"<conversation>\n{turns}\n</conversation>\n\n"
-        f"<candidate_reply>\n{quote(reply)}\n</candidate_reply>\n\n"
-        + (f"{REMINDER}\n\n" if reminder else "")
-        + f"Question about the candidate reply: {question}\n"
-        "Answer with one word, Yes or No."
+    body = quoted_body(
+        conversation,
+        [("candidate_reply", reply)],
+        f"Question about the candidate reply: {question}",
+        reminder=reminder,
     )
     head = [Message("system", judge_system)] if judge_system is not None else []
     return [*head, Message("user", body)]

@@ -45,13 +45,12 @@ from safetygame.features import (
 from safetygame.heads import Head, LogisticModel, fit_logistic, load_head
 from safetygame.policy import Policy
 from safetygame.probes import (
-    REMINDER,
     LLMJudge,
     Score,
     Scorer,
     cached_yes_no,
-    quote,
-    quote_conversation,
+    judge_messages,
+    quoted_body,
 )
 
 __all__ = [
@@ -176,17 +175,6 @@ def _defuse(reply: str) -> str:
     return reply.replace("<|", "<\u200b|").replace("|>", "|\u200b>")
 
 
-def _quoted_body(conversation: Sequence[Message], reply: str, question: str) -> str:
-    turns = quote_conversation(conversation)
-    return (
-        f"<conversation>\n{turns}\n</conversation>\n\n"
-        f"<candidate_reply>\n{quote(reply)}\n</candidate_reply>\n\n"
-        f"{REMINDER}\n\n"
-        f"Question about the candidate reply: {question}\n"
-        "Answer with one word, Yes or No."
-    )
-
-
 @dataclass(frozen=True)
 class Shot:
     """A worked example for few-shot prompts: the judge's answer is ``yes``."""
@@ -214,9 +202,9 @@ def wording_messages(
         return [*conversation, Message("assistant", _defuse(reply)), Message("user", question)]
     msgs = [Message("system", wording.system or system)]
     for s in shots:
-        msgs.append(Message("user", _quoted_body(s.conversation, s.reply, question)))
+        msgs.append(judge_messages(None, s.conversation, s.reply, question)[0])
         msgs.append(Message("assistant", "Yes" if s.yes else "No"))
-    msgs.append(Message("user", _quoted_body(conversation, reply, question)))
+    msgs.append(judge_messages(None, conversation, reply, question)[0])
     return msgs
 
 
@@ -480,13 +468,8 @@ class PairwiseJudge:
         self.name = f"pairwise:{kind}:{backend.model_id}"
 
     def messages(self, conversation: Sequence[Message], a: str, b: str, rule: str) -> list[Message]:
-        turns = quote_conversation(conversation)
         question = PAIR_QUESTIONS[self.kind].replace("{rule}", rule)
-        body = (
-            f"<conversation>\n{turns}\n</conversation>\n\n"
-            f"<reply_a>\n{quote(a)}\n</reply_a>\n\n<reply_b>\n{quote(b)}\n</reply_b>\n\n"
-            f"{REMINDER}\n\n{question}\nAnswer with one word, Yes or No."
-        )
+        body = quoted_body(conversation, [("reply_a", a), ("reply_b", b)], question)
         return [Message("system", self.system), Message("user", body)]
 
     async def prefer(
