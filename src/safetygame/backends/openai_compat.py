@@ -72,6 +72,7 @@ Prompt = str | list[str | int]
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_MAX_CONCURRENCY = 8  # requests in flight per backend
+DEFAULT_TIMEOUT = 120.0  # seconds per request
 TOP_LOGPROBS = 20
 
 
@@ -507,7 +508,7 @@ class OpenAICompatBackend(Backend):
         model: str | None = None,
         api_key: str | None = None,
         *,
-        timeout: float = 120.0,
+        timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
         max_retries: int = 3,
         retry: RetryPolicy | None = None,

@@ -112,15 +112,17 @@ def open_backend(
     api_key: str | None = None,
     parallel: int | None = None,
     threads: int | None = None,
+    timeout: float | None = None,
 ) -> Backend:
     """The embedded llama.cpp model by default, or an OpenAI-compatible upstream.
 
     ``parallel``: requests in flight (the embedded model's llama.cpp slots; the upstream
-    client's concurrency limit); ``threads``: CPU threads of the embedded model. None keeps
-    each backend's default."""
+    client's concurrency limit); ``threads``: CPU threads of the embedded model; ``timeout``:
+    seconds per upstream request. None keeps each backend's default."""
     if upstream:
         from safetygame.backends.openai_compat import (
             DEFAULT_MAX_CONCURRENCY,
+            DEFAULT_TIMEOUT,
             OpenAICompatBackend,
         )
 
@@ -129,6 +131,7 @@ def open_backend(
             model=model,
             api_key=api_key,
             max_concurrency=parallel or DEFAULT_MAX_CONCURRENCY,
+            timeout=timeout if timeout is not None else DEFAULT_TIMEOUT,
         )
     from safetygame.backends.llamacpp import (
         DEFAULT_MODEL,

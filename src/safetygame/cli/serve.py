@@ -15,10 +15,17 @@ import click
 
 from safetygame.backends.base import Backend
 from safetygame.cli import bench, main
-from safetygame.cli._common import F, clean_errors, fail, json_option, print_json, to_jsonable
+from safetygame.cli._common import (
+    F,
+    clean_errors,
+    fail,
+    json_option,
+    open_backend,
+    print_json,
+    to_jsonable,
+)
 from safetygame.errors import ConfigError
-
-DEFAULT_AUDIT = "sqlite:///safetygame-audit.sqlite3"
+from safetygame.gateway.audit import DEFAULT_AUDIT_URL as DEFAULT_AUDIT
 
 
 def workers_option(help: str) -> Callable[[F], F]:
@@ -31,15 +38,11 @@ def workers_option(help: str) -> Callable[[F], F]:
 def _backend(
     upstream: str, model: str | None, api_key: str | None, concurrency: int, timeout: float
 ) -> Backend:
+    """``--upstream embedded`` runs the packaged model with its default slots; a URL gets the
+    gateway's concurrency and timeout (cli._common.open_backend builds both)."""
     if upstream == "embedded":
-        from safetygame.backends.llamacpp import EmbeddedLlamaBackend
-
-        return EmbeddedLlamaBackend(model) if model else EmbeddedLlamaBackend()
-    from safetygame.backends.openai_compat import OpenAICompatBackend
-
-    return OpenAICompatBackend(
-        upstream, model=model, api_key=api_key, max_concurrency=concurrency, timeout=timeout
-    )
+        return open_backend(model, None, api_key)
+    return open_backend(model, upstream, api_key, parallel=concurrency, timeout=timeout)
 
 
 @main.command()

@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.special import expit
 
 from safetygame.errors import ConfigError
 
@@ -496,17 +497,12 @@ def consensus_game(
         pi_g = e / e.sum(axis=2, keepdims=True)
         # Discriminator payoff gap at y: average of (1/2)(pi_G(y | correct) - pi_G(y | incorrect)).
         gap = (sum_g[:, 0, :] - sum_g[:, 1, :]) / (2.0 * t)
-        pc = _sigmoid((gap + anchor_d) / (1.0 / (eta_d * t) + lambda_d))
+        pc = expit((gap + anchor_d) / (1.0 / (eta_d * t) + lambda_d))
     pc = np.where(mask, pc, 0.5)
     prev_pc = np.where(mask, prev_pc, 0.5)
     change = float(max(np.abs(pi_g - prev_g).max(), np.abs(pc - prev_pc).max()))
     pi_d = np.stack([pc, 1.0 - pc], axis=2)
     return ConsensusResult(pi_g, pi_d, pi_g1, pi_d1, iterations, change)
-
-
-def _sigmoid(x: FloatArray) -> FloatArray:
-    out: FloatArray = 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
-    return out
 
 
 def _consensus(table: ScoreTable, params: MethodParams) -> ConsensusResult:

@@ -42,7 +42,13 @@ from starlette.routing import Route
 from safetygame.agent import Decision, SafetyGame, Status
 from safetygame.backends.base import Backend
 from safetygame.errors import ConfigError
-from safetygame.gateway.audit import AuditStore, audit_record, moderation_record, open_store
+from safetygame.gateway.audit import (
+    DEFAULT_AUDIT_URL,
+    AuditStore,
+    audit_record,
+    moderation_record,
+    open_store,
+)
 from safetygame.gateway.auth import bearer_token
 from safetygame.gateway.http import HttpLimits
 from safetygame.gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -70,7 +76,7 @@ class GatewaySettings:
 
     policy: str = "default"  # policy of the default tenant / tenants that name none
     tenants_file: Path | None = None  # tenants.yml: per-tenant policy and key hashes
-    audit_url: str = "sqlite:///safetygame-audit.sqlite3"
+    audit_url: str = DEFAULT_AUDIT_URL
     model_name: str = "safetygame"  # the id served by /v1/models
     max_body_bytes: int = 1_000_000
     max_moderation_inputs: int = 32  # texts per POST /v1/moderations (each costs model calls)

@@ -37,6 +37,9 @@ from safetygame.errors import ConfigError
 from safetygame.gateway.moderation import Moderation
 from safetygame.policy import Policy
 
+#: where decisions go when no --audit / audit_url is given
+DEFAULT_AUDIT_URL = "sqlite:///safetygame-audit.sqlite3"
+
 MAX_BATCH = 512  # records per commit: 9 x 512 bound parameters, under SQLite's 32,766
 
 _COLUMNS = (
