@@ -737,8 +737,13 @@ def split(
     *,
     n_dev: int | None = None,
     seed: int = 0,
+    by: Callable[[T], str] | None = None,
+    salt: str = "split",
 ) -> Split[T]:
     """Deterministic dev/test split by hashing ids with ``seed``.
+
+    ``by`` hashes another key instead of the id (e.g. the question text, so that items that
+    share a question stay on one side), with its own ``salt``.
 
     With ``dev_fraction`` an item goes to dev iff ``hash(seed, id) < dev_fraction``: its split
     never depends on which other items are loaded (the dev share is ``dev_fraction`` in
@@ -748,7 +753,7 @@ def split(
     if (dev_fraction is None) == (n_dev is None):
         raise ConfigError("split: give exactly one of dev_fraction and n_dev")
     _check_ids(items)
-    keys = [_unit_hash("split", seed, it.id) for it in items]
+    keys = [_unit_hash(salt, seed, by(it) if by else it.id) for it in items]
     if dev_fraction is not None:
         if not 0.0 <= dev_fraction <= 1.0:
             raise ConfigError(f"split: dev_fraction must be in [0, 1], not {dev_fraction}")

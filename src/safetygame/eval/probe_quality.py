@@ -31,11 +31,10 @@ classifier is trained on AdvBench/HarmBench-val plus dev items only.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -44,7 +43,7 @@ from scipy.stats import rankdata
 from safetygame.backends.base import Backend, Message
 from safetygame.cache import ScoreCache
 from safetygame.errors import ConfigError
-from safetygame.eval.datasets import MCItem, PromptItem, load, subsample
+from safetygame.eval.datasets import MCItem, PromptItem, load, split, subsample
 from safetygame.policy import Policy
 from safetygame.scorers import (
     DESIGNS,
@@ -319,13 +318,8 @@ def group_split(
     """(dev, test): an item is dev iff hash(seed, question text) < dev_fraction."""
     if not 0.0 <= dev_fraction <= 1.0:
         raise ConfigError(f"dev_fraction must be in [0, 1], not {dev_fraction}")
-    dev: list[Any] = []
-    test: list[Any] = []
-    for it in items:
-        digest = hashlib.sha256(f"probe-split\x00{seed}\x00{_text(it)}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2.0**64
-        (dev if u < dev_fraction else test).append(it)
-    return dev, test
+    sp = split(cast(Sequence[Any], items), dev_fraction, seed=seed, by=_text, salt="probe-split")
+    return list(sp.dev), list(sp.test)
 
 
 # --------------------------------------------------------------------------- results
