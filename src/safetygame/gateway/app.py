@@ -189,7 +189,9 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.reload_interval)
             try:
-                self.tenants.check()
+                # off the event loop: reading files, YAML and building agents (which may load
+                # a scorer's model) block for as long as they take
+                await asyncio.to_thread(self.tenants.check)
             except Exception:  # the watcher must outlive any surprise; log it and go on
                 log.exception("policy watcher: unexpected error")
 

@@ -5,6 +5,7 @@ metered backend wrapper that measures upstream time per request.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -170,7 +171,11 @@ class Tenants:
         return TenantRuntime(name, ref, policy, self.make_agent(self.backend, policy), stamp)
 
     def check(self) -> list[str]:
-        """Reload whatever changed on disk; returns one line per reload or rejection."""
+        """Reload whatever changed on disk; returns one line per reload or rejection.
+
+        Blocking (file reads, YAML, building agents and the scorers they load): the gateway
+        runs it in a worker thread. It only ever swaps whole objects (the runtimes dict, the
+        key ring), so the event loop reads either the old state or the new one."""
         events: list[str] = []
         if self.tenants_file is not None:
             stamp = _stamp(str(self.tenants_file))
@@ -192,7 +197,14 @@ class Tenants:
                 continue
             if policy.digest != rt.policy.digest:
                 old = rt.policy.ref
-                rt.policy, rt.agent = policy, self.make_agent(self.backend, policy)
+                # a new runtime swapped in whole: a request never sees a policy with the
+                # other policy's agent (check() runs in a worker thread)
+                self.runtimes = {
+                    **self.runtimes,
+                    name: dataclasses.replace(
+                        rt, policy=policy, agent=self.make_agent(self.backend, policy)
+                    ),
+                }
                 self.metrics.policy_reloads.inc(tenant=name, result="ok")
                 msg = f"tenant {name}: policy reloaded {old} -> {policy.ref}"
                 log.info(msg)
