@@ -710,6 +710,7 @@ def test_price_of_risk_on_a_named_example() -> None:
     cal = calibrate_price(M, D, 0.1)
     assert cal.price == pytest.approx(0.1)
     assert [best_response(Margins(M[p], D[p]), cal.price) for p in range(2)] == [1, 0]
+    assert best_response(Margins(M[0], D[0][None, :]), cal.price) == 1  # a (1, m) risk row
     assert cal.mean_risk == pytest.approx(0.1) and cal.answered == 0.5
     slack = calibrate_price(M, D, 0.5)
     assert slack.price == 0.0 and slack.answered == 1.0

@@ -86,7 +86,7 @@ def best_response(margins: Margins, price: float, *, epsilon: float = 0.0) -> in
     lam = _scalar(price, "price")
     shift = 2.0 * _scalar(epsilon, "epsilon")
     s = margins.refusal
-    Dw = [0.0 if i == s else v + shift for i, v in enumerate(margins.Delta.tolist())]
+    Dw = [0.0 if i == s else v + shift for i, v in enumerate(margins.Delta2d[0].tolist())]
     return _argmax_priced(margins.M.tolist(), Dw, s, lam)
 
 
