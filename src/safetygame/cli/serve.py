@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -17,6 +18,8 @@ from safetygame.backends.base import Backend
 from safetygame.cli import bench, main
 from safetygame.cli._common import F, clean_errors, fail, json_option, print_json, to_jsonable
 from safetygame.errors import ConfigError
+from safetygame.policy import load_policy
+from safetygame.tune import traffic_notice
 
 DEFAULT_AUDIT = "sqlite:///safetygame-audit.sqlite3"
 
@@ -202,6 +205,10 @@ def serve(
     )
     if upstream_concurrency < 1:
         raise ConfigError("--upstream-concurrency must be >= 1")
+    with contextlib.suppress(ConfigError):  # the gateway itself reports a bad policy
+        notice = traffic_notice(load_policy(policy))
+        if notice:
+            click.echo(notice, err=True)  # stderr: stdout's first line is the URL
 
     def ready(url: str, worker_pids: list[int] | None = None) -> None:
         if as_json:
