@@ -321,3 +321,19 @@ def test_policy_validates_the_new_fields() -> None:
         policy_with({"fast_path_helpfulness": 1.5})
     with pytest.raises(ConfigError, match=r"sampling\.mode"):
         policy_with({"mode": "sometimes"})
+
+
+def test_adaptive_second_draw_failure_fails_closed_with_what_it_saw() -> None:
+    class SecondDrawFails(SeededBackendDouble):
+        async def sample(
+            self, messages: Sequence[Message], n: int, config: SamplingConfig
+        ) -> list[Completion]:
+            if self.draws:
+                raise BackendTimeout("upstream slow")
+            return await super().sample(messages, n, config)
+
+    be = SecondDrawFails([RISKY, SAFE], scores({SAFE: (0.6, 0.02), RISKY: (0.9, 0.5)}))
+    d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("q", seed=0)
+    assert d.status is Status.GENERATION_FAILED and d.refused and "upstream slow" in d.reason
+    assert [c.text for c in d.candidates] == [POLICY.refusal, RISKY]
+    assert d.extra == {"path": "full", "drawn": 1}
