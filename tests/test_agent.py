@@ -15,7 +15,7 @@ from safetygame.agent import SafetyGame, Status
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendTimeout, ConfigError
-from safetygame.policy import load_policy, policy_from_dict, policy_yaml
+from safetygame.policy import Policy, load_policy, policy_from_dict, policy_yaml
 
 
 class ScriptedBackendDouble(Backend):
@@ -188,3 +188,152 @@ def test_bad_messages_are_config_errors() -> None:
         agent_for(be).respond([{"role": "assistant", "content": "hi"}])
     with pytest.raises(ConfigError, match="role"):
         agent_for(be).respond([{"role": "wizard", "content": "hi"}])
+
+
+# --------------------------------------------------------------------------- adaptive sampling
+
+
+class SeededBackendDouble(ScriptedBackendDouble):
+    """Sample i of a request seeded s is answers[s + i], as real backends seed sample i with
+    s + i: so one draw of m and a draw of 1 then m - 1 (seed s + 1) give the same texts."""
+
+    def __init__(self, answers: Sequence[str], p_yes: Callable[[str, str], float]) -> None:
+        super().__init__(answers, p_yes)
+        self.draws: list[tuple[int, int | None]] = []
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        self.draws.append((n, config.seed))
+        base = config.seed or 0
+        return [
+            Completion(self.answers[(base + i) % len(self.answers)], completion_tokens=5)
+            for i in range(n)
+        ]
+
+
+def policy_with(
+    sampling: dict[str, object] | None = None, game: dict[str, object] | None = None
+) -> Policy:
+    data = POLICY.model_dump()
+    data["sampling"].update({"n": 3, **(sampling or {})})
+    data["game"].update(game or {})
+    return policy_from_dict(data)
+
+
+ADAPTIVE = {"mode": "adaptive", "fast_path_helpfulness": 0.5}
+MILD = "Descale with citric acid."
+
+
+def test_adaptive_fast_path_answers_with_the_first_candidate() -> None:
+    table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
+    be = SeededBackendDouble([SAFE, RISKY, MILD], scores(table))
+    d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.status is Status.OK and d.extra == {"path": "fast", "drawn": 1, "scope": "prompt"}
+    assert be.draws == [(1, 0)]  # one candidate drawn, nothing else
+    assert [c.text for c in d.candidates] == [POLICY.refusal, SAFE]
+    assert d.chosen_text == SAFE and d.strategy == (0.0, 1.0)
+    assert d.expected_risk["harm"] <= POLICY.game.budget
+    assert len(be.probes) == 4  # helpfulness and harm of the refusal and of one candidate
+
+
+def test_adaptive_full_path_reuses_the_first_and_matches_fixed() -> None:
+    table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
+    be = SeededBackendDouble([RISKY, SAFE, MILD], scores(table))
+    d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.extra == {"path": "full", "drawn": 3, "scope": "prompt"}
+    assert be.draws == [(1, 0), (2, 1)]  # the rest start at seed + 1
+    assert len(be.probes) == 8  # the refusal and candidate 1 are read once
+    fixed_be = SeededBackendDouble([RISKY, SAFE, MILD], scores(table))
+    fixed = SafetyGame(fixed_be, policy_with(), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert fixed.extra["path"] == "fixed" and fixed_be.draws == [(3, 0)]
+    assert [c.text for c in d.candidates] == [c.text for c in fixed.candidates]
+    assert d.strategy == pytest.approx(fixed.strategy)
+    assert d.expected_risk["harm"] <= POLICY.game.budget + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("first", "threshold"),
+    [((0.45, 0.02), 0.5), ((0.6, 0.02), 0.7), ((0.6, 0.3), 0.5)],
+    ids=["unhelpful", "threshold", "over-budget"],
+)
+def test_adaptive_declines_the_fast_path(first: tuple[float, float], threshold: float) -> None:
+    table = {SAFE: first, MILD: (0.7, 0.05)}
+    be = SeededBackendDouble([SAFE, MILD, MILD], scores(table))
+    pol = policy_with({"mode": "adaptive", "fast_path_helpfulness": threshold})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("kettle?", seed=3)
+    assert d.extra["path"] == "full" and len(d.candidates) == 4
+    assert d.expected_risk["harm"] <= POLICY.game.budget + 1e-9
+
+
+def test_adaptive_with_robust_budget_and_one_sample_is_fixed() -> None:
+    table = {SAFE: (0.6, 0.02)}
+    be = SeededBackendDouble([SAFE], scores(table))
+    # Delta 0.02 + 2 * 0.05 > T = 0.1: the robust budget sends it to the full game.
+    pol = policy_with(ADAPTIVE, {"epsilon": 0.05})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.extra["path"] == "full"
+    one = policy_with({**ADAPTIVE, "n": 1})
+    d1 = SafetyGame(SeededBackendDouble([SAFE], scores(table)), one, cache=ScoreCache(None))
+    assert d1.respond("q", seed=0).extra["path"] == "fixed"  # m = 1: nothing to save
+
+
+# --------------------------------------------------------------------------- traffic budget
+
+
+def traffic_policy(price: float) -> Policy:
+    return policy_with(
+        game={
+            "scope": "traffic",
+            "price_of_risk": {"value": price, "budget": POLICY.game.budget, "n": 10},
+        }
+    )
+
+
+def test_traffic_scope_plays_the_best_response_to_the_price() -> None:
+    table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
+    # h_s = 0.05, d_s = 0: M = (0.55, 0.85, 0.65), Delta = (0.02, 0.5, 0.05)
+    for price, want in [(0.0, RISKY), (1.0, MILD), (5.0, SAFE), (50.0, POLICY.refusal)]:
+        be = SeededBackendDouble([SAFE, RISKY, MILD], scores(table))
+        agent = SafetyGame(be, traffic_policy(price), cache=ScoreCache(None))
+        d = agent.respond("kettle?", seed=0)
+        assert d.status is Status.OK and d.chosen_text == want, price
+        assert d.extra["scope"] == "traffic" and d.solver == "traffic-price"
+        assert d.multiplier == {"harm": price} and max(d.strategy) == 1.0
+    # A request that lowers its budget gets the per-prompt game at that budget.
+    low = agent.respond("kettle?", seed=0, budget=0.01)
+    assert low.extra["scope"] == "prompt" and low.expected_risk["harm"] <= 0.01 + 1e-12
+
+
+def test_policy_validates_the_new_fields() -> None:
+    with pytest.raises(ConfigError, match="needs a price_of_risk"):
+        policy_with(game={"scope": "traffic"})
+    with pytest.raises(ConfigError, match="only with scope: traffic"):
+        policy_with(game={"price_of_risk": {"value": 1.0, "budget": 0.1, "n": 3}})
+    with pytest.raises(ConfigError, match="run `safetygame tune` again"):
+        policy_with(game={"scope": "traffic", "price_of_risk": {"value": 1, "budget": 0.2, "n": 3}})
+    with pytest.raises(ConfigError, match="does not combine"):
+        policy_with(
+            ADAPTIVE,
+            {"scope": "traffic", "price_of_risk": {"value": 1.0, "budget": 0.1, "n": 3}},
+        )
+    with pytest.raises(ConfigError, match=r"sampling\.fast_path_helpfulness"):
+        policy_with({"fast_path_helpfulness": 1.5})
+    with pytest.raises(ConfigError, match=r"sampling\.mode"):
+        policy_with({"mode": "sometimes"})
+
+
+def test_adaptive_second_draw_failure_fails_closed_with_what_it_saw() -> None:
+    class SecondDrawFails(SeededBackendDouble):
+        async def sample(
+            self, messages: Sequence[Message], n: int, config: SamplingConfig
+        ) -> list[Completion]:
+            if self.draws:
+                raise BackendTimeout("upstream slow")
+            return await super().sample(messages, n, config)
+
+    be = SecondDrawFails([RISKY, SAFE], scores({SAFE: (0.6, 0.02), RISKY: (0.9, 0.5)}))
+    d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("q", seed=0)
+    assert d.status is Status.GENERATION_FAILED and d.refused and "upstream slow" in d.reason
+    assert [c.text for c in d.candidates] == [POLICY.refusal, RISKY]
+    assert d.extra == {"path": "full", "drawn": 1}

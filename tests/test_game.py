@@ -13,7 +13,10 @@ from safetygame.game import (
     GameResult,
     Margins,
     Status,
+    best_response,
+    calibrate_price,
     choose,
+    fast_path,
     margins,
     solve,
     solve_batch,
@@ -563,3 +566,155 @@ def test_choose_argmax_breaks_ties_by_risk_then_refusal() -> None:
     assert choose(fake, "argmax") == 1  # equal risk: the refusal
     res = solve(margins([0.05, 0.35, 0.6, 0.85], [0.02, 0.04, 0.12, 0.35]), 0.2)
     assert choose(res, "argmax") == int(np.argmax(res.strategy))
+
+
+# --------------------------------------------------------------------------- adaptive sampling
+
+
+def _worst_risk(mg: Margins, x: np.ndarray, eps: float) -> np.ndarray:
+    """pi.Delta + 2 eps (1 - pi_s) per budget row: the true risk's worst case (docs/method.md)."""
+    return mg.Delta2d @ x + 2.0 * eps * (1.0 - x[mg.refusal])
+
+
+def _adaptive(
+    h: np.ndarray, d: np.ndarray, T: float | np.ndarray, eps: float, thr: float,
+    beta: float | None,
+) -> tuple[bool, np.ndarray, Margins]:  # fmt: skip
+    """What the agent's adaptive path plays: refusal 0, candidate 1 drawn first."""
+    first = margins(h[:2], d[..., :2], refusal=0)
+    r1 = solve(first, T, beta=beta, epsilon=eps)
+    full = margins(h, d, refusal=0)
+    if fast_path(r1, 1, float(h[1]), thr, epsilon=eps):
+        x = np.zeros(len(h))
+        x[1] = 1.0
+        return True, x, full
+    return False, solve(full, T, beta=beta, epsilon=eps).strategy, full
+
+
+@SETTINGS
+@given(
+    st.data(),
+    st.integers(2, 8),
+    st.integers(0, 3),
+    st.floats(0.0, 0.2),
+    prob,
+    st.sampled_from([None, 0.5, 5.0]),
+)
+def test_adaptive_keeps_the_per_prompt_budget_on_both_paths(
+    data: st.DataObject, m: int, k: int, eps: float, thr: float, beta: float | None
+) -> None:
+    """The invariant of docs/method.md (Adaptive sampling): worst-case extra risk <= T on
+    the fast path in every mode, and on the full path whenever the game is the hard LP."""
+    if k > 1:
+        beta = None  # the finite-beta game has one budget row
+    h = np.array(data.draw(st.lists(prob, min_size=m, max_size=m)))
+    rows = max(k, 1)
+    d = np.array(data.draw(st.lists(prob, min_size=rows * m, max_size=rows * m)))
+    d = d if k == 0 else d.reshape(k, m)
+    T = np.array(data.draw(st.lists(prob, min_size=rows, max_size=rows)))
+    Tb: float | np.ndarray = float(T[0]) if k == 0 else T
+    fast, x, mg = _adaptive(h, d, Tb, eps, thr, beta)
+    if fast or beta is None:
+        assert np.all(_worst_risk(mg, x, eps) <= T + TOL)
+    if fast:
+        assert h[1] >= thr and mg.M[1] == pytest.approx(h[1] - h[0])
+
+
+@SETTINGS
+@given(games(min_m=2, max_m=8), st.floats(0.0, 0.2), prob)
+def test_fast_path_only_when_the_restricted_game_answers_alone(
+    game: tuple[Margins, float], eps: float, thr: float
+) -> None:
+    mg, T = game
+    # rebuild scores with refusal 0 from the drawn margins (h_s = d_s = 0.5 keeps [0, 1])
+    h = np.clip(0.5 + np.roll(mg.M, -mg.refusal), 0.0, 1.0)
+    d = np.clip(0.5 + np.roll(mg.Delta, -mg.refusal), 0.0, 1.0)
+    r1 = solve(margins(h[:2], d[:2]), T, epsilon=eps)
+    ok = fast_path(r1, 1, float(h[1]), thr, epsilon=eps)
+    alone = r1.strategy[1] == 1.0 and d[1] - d[0] + 2 * eps <= T
+    assert ok == (alone and h[1] >= thr)
+
+
+def test_fast_path_declines_below_threshold_mix_and_hinge_overrun() -> None:
+    mg = margins([0.2, 0.9], [0.1, 0.15])  # Delta_1 = 0.05
+    r = solve(mg, 0.1)
+    assert fast_path(r, 1, 0.9, 0.5)
+    assert not fast_path(r, 1, 0.9, 0.95)  # not helpful enough
+    assert not fast_path(r, 1, 0.9, 0.5, epsilon=0.03)  # 0.05 + 0.06 > T
+    mixed = solve(mg, 0.02)  # the budget binds: a mix with the refusal
+    assert 0 < mixed.strategy[1] < 1 and not fast_path(mixed, 1, 0.9, 0.0)
+    # A cheap hinge plays the candidate alone past T: never a fast path.
+    hinge = solve(mg, 0.01, beta=0.1)
+    assert hinge.strategy[1] == 1.0 and not fast_path(hinge, 1, 0.9, 0.0)
+    with pytest.raises(ValueError, match="refusal"):
+        fast_path(r, 0, 0.9, 0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        fast_path(r, 1, 0.9, 1.5)
+
+
+# --------------------------------------------------------------------------- traffic price
+
+
+def _brute_best(M: np.ndarray, Dw: np.ndarray, s: int, price: float) -> int:
+    score = M - price * Dw
+    top = [i for i in range(len(M)) if score[i] >= score.max() - 1e-12]
+    return min(top, key=lambda i: (Dw[i], i != s, i))
+
+
+@SETTINGS
+@given(games(), st.floats(0.0, 20.0), st.sampled_from([0.0, 0.05]))
+def test_best_response_is_the_priced_argmax(
+    game: tuple[Margins, float], price: float, eps: float
+) -> None:
+    mg, _ = game
+    Dw = mg.Delta + 2 * eps
+    Dw[mg.refusal] = 0.0
+    assert best_response(mg, price, epsilon=eps) == _brute_best(mg.M, Dw, mg.refusal, price)
+
+
+@SETTINGS
+@given(st.data(), st.integers(1, 8), st.integers(1, 5))
+def test_calibrated_price_keeps_the_mean_risk_within_the_budget(
+    data: st.DataObject, n: int, m: int
+) -> None:
+    s, h, d, mask = _draw_batch(data, n, m, grid)
+    T = data.draw(grid)
+    eps = data.draw(st.sampled_from([0.0, 0.01]))
+    M, D = h - h[:, s : s + 1], d - d[:, s : s + 1]
+    cal = calibrate_price(M, D, T, mask, refusal=s, epsilon=eps)
+    pooled = solve_pooled(M, D, T, mask, refusal=s, epsilon=eps)
+    assert cal.success, cal.message
+    assert cal.price == pooled.multiplier
+    # Per prompt O(m), each a best response: the mean charged risk stays within T.
+    risks, values = [], []
+    for p in range(n):
+        mg, _ = _compressed(M[p], D[p], mask[p], s)
+        i = best_response(mg, cal.price, epsilon=eps)
+        risks.append(0.0 if i == mg.refusal else mg.Delta[i] + 2 * eps)
+        values.append(mg.M[i])
+        # never riskier than the pooled plan on this prompt (ties go to less risk)
+        Dw = D[p] + 2 * eps
+        Dw[s] = 0.0
+        assert risks[-1] <= float(pooled.strategy[p] @ np.where(mask[p], Dw, 0.0)) + TOL
+    assert np.mean(risks) <= T + TOL
+    assert cal.mean_risk == pytest.approx(np.mean(risks), abs=1e-12)
+    assert cal.mean_value == pytest.approx(np.mean(values), abs=1e-12)
+    assert cal.mean_value <= cal.pooled_value + TOL
+
+
+def test_price_of_risk_on_a_named_example() -> None:
+    # Prompt 0 buys 0.8 helpfulness per unit of risk, prompt 1 only 0.1: with a mean budget
+    # of 0.1 the price sits at 0.1, prompt 0 answers and prompt 1 refuses.
+    M = np.array([[0.0, 0.16], [0.0, 0.02]])
+    D = np.array([[0.0, 0.2], [0.0, 0.2]])
+    cal = calibrate_price(M, D, 0.1)
+    assert cal.price == pytest.approx(0.1)
+    assert [best_response(Margins(M[p], D[p]), cal.price) for p in range(2)] == [1, 0]
+    assert best_response(Margins(M[0], D[0][None, :]), cal.price) == 1  # a (1, m) risk row
+    assert cal.mean_risk == pytest.approx(0.1) and cal.answered == 0.5
+    slack = calibrate_price(M, D, 0.5)
+    assert slack.price == 0.0 and slack.answered == 1.0
+    with pytest.raises(ValueError, match="one budget"):
+        best_response(margins([0.1, 0.5], [[0.1, 0.2], [0.0, 0.1]]), 0.1)
+    with pytest.raises(ValueError, match="price"):
+        best_response(Margins(M[0], D[0]), -1.0)

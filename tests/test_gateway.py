@@ -411,7 +411,7 @@ async def test_policy_hot_reload_and_bad_file_keeps_old(
 
         assert await version() == "v1"
         write_policy(pol, "v2", budget=0.05)
-        await wait_for(lambda: tenants.runtimes["default"].policy.version == "v2")
+        await wait_for(lambda t=tenants: t.runtimes["default"].policy.version == "v2")
         assert await version() == "v2"
         # An invalid file: rejected with the field named, the old policy keeps serving.
         caplog.set_level(logging.WARNING, logger="safetygame.gateway")
@@ -434,34 +434,33 @@ async def test_a_slow_reload_does_not_block_the_event_loop(
 ) -> None:
     import safetygame.gateway.runtime as runtime_mod
 
+    real = runtime_mod.load_policy
+    started: list[float] = []
+    gaps: list[float] = []
+
+    def slow_load(ref: Any) -> Any:  # a reload that blocks for a second (a big model)
+        started.append(time.monotonic())
+        time.sleep(1.0)
+        return real(ref)
+
+    async def heartbeat() -> None:  # how long the loop goes without running us
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
     pol = write_policy(tmp_path / "policy.yml", "v1")
     settings = GatewaySettings(
         policy=str(pol), audit_url=f"sqlite:///{tmp_path / 'a.db'}", reload_interval=0.05
     )
     async for client in _client(create_app(DeterministicBackendDouble(), settings)):
-        real = runtime_mod.load_policy
-        started: list[float] = []
-
-        def slow_load(ref: Any) -> Any:  # a reload that blocks for a second (a big model)
-            started.append(time.monotonic())
-            time.sleep(1.0)
-            return real(ref)
-
         monkeypatch.setattr(runtime_mod, "load_policy", slow_load)
-        gaps: list[float] = []
-
-        async def heartbeat() -> None:  # how long the loop goes without running us
-            last = time.monotonic()
-            while True:
-                await asyncio.sleep(0.02)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
         beat = asyncio.create_task(heartbeat())
         write_policy(pol, "v2")
         tenants = client.gateway.tenants
-        await wait_for(lambda: tenants.runtimes["default"].policy.version == "v2")
+        await wait_for(lambda t=tenants: t.runtimes["default"].policy.version == "v2")
         beat.cancel()
         assert started and max(gaps) < 0.5, max(gaps)
         assert (await client.http.get("/healthz")).status_code == 200

@@ -22,6 +22,7 @@ from safetygame.eval.refusal import (
     REFUSAL_QUESTION,
     RefusalDetector,
     RefusalReading,
+    adaptive_strategies,
     agreement,
     behaviour_score,
     decision_table,
@@ -29,7 +30,7 @@ from safetygame.eval.refusal import (
     open_strategies,
     run_open,
 )
-from safetygame.eval.scoring import RunTally
+from safetygame.eval.scoring import CacheOnlyBackend, CachingBackend, RunTally
 from safetygame.policy import load_policy
 
 
@@ -141,6 +142,20 @@ def test_three_systems_from_one_decision() -> None:
     assert s0[FILTER][0, -1] == 1.0 and s0[GAME][0, -1] == pytest.approx(1.0)
 
 
+def test_adaptive_plays_the_first_sample_alone_only_on_the_fast_path() -> None:
+    risky_first = decision([("a", 0.9, 0.5), ("b", 0.4, 0.02), ("c", 0.7, 0.2)], (0.1, 0.0))
+    safe_first = decision([("b", 0.6, 0.02), ("a", 0.9, 0.5), ("c", 0.7, 0.2)], (0.1, 0.0))
+    table = decision_table([risky_first, safe_first])
+    full = open_strategies(table, budget=0.1)[GAME]
+    s, fast = adaptive_strategies(table, full, budget=0.1, threshold=0.5)
+    assert fast.tolist() == [False, True]
+    np.testing.assert_allclose(s[0], full[0])  # the full game where candidate 1 can't stand
+    np.testing.assert_allclose(s[1], [1, 0, 0, 0])  # candidate 1 alone
+    # the threshold, and the robust budget (0.02 + 2 * 0.05 > T), each close the fast path
+    assert not adaptive_strategies(table, full, 0.1, threshold=0.7)[1].any()
+    assert not adaptive_strategies(table, full, 0.1, threshold=0.5, epsilon=0.05)[1].any()
+
+
 def test_failed_or_empty_samples_never_pass() -> None:
     dec = decision([("", 0.9, 0.0), ("ok", 0.5, 0.0)], (0.1, 0.0))
     table = decision_table([dec])
@@ -179,10 +194,12 @@ class _OrderDouble(Backend):
         raise NotImplementedError
 
 
-def _run_open_on_4(backend: Backend, tally: RunTally) -> dict[str, Any]:
+def _run_open_on_4(backend: Backend, tally: RunTally, mode: str = "fixed") -> dict[str, Any]:
     """run_open on a seeded 4 XSTest prompts, n = 2 samples each; returns the summary."""
     pol = load_policy()
-    pol = pol.model_copy(update={"sampling": pol.sampling.model_copy(update={"n": 2})})
+    pol = pol.model_copy(
+        update={"sampling": pol.sampling.model_copy(update={"n": 2, "mode": mode})}
+    )
     cfg = EvalConfig("xstest", limit=4, budgets=(0.0, 0.1), n_resamples=50)
     summary, _, _ = asyncio.run(
         run_open(backend, pol, cfg, ScoreCache(None), progress=False, tally=tally)
@@ -203,6 +220,21 @@ def test_each_prompt_is_read_for_refusal_right_after_its_decision() -> None:
         assert chunk[-3:] == [REFUSAL_QUESTION] * 3
     assert REFUSAL_QUESTION not in requests[: per_prompt - 3]
     assert tally.prefix == tally.total == 4
+
+
+def test_the_study_draws_all_m_and_reports_adaptive_against_fixed() -> None:
+    """An adaptive policy is studied from the fixed draw (same cache keys), and the summary
+    pairs adaptive with the fixed-m game."""
+    backend = _OrderDouble()
+    summary = _run_open_on_4(backend, RunTally(), mode="adaptive")
+    assert backend.log.count("sample") == 4  # one draw of m per prompt
+    ad = summary["adaptive"]
+    assert ad["threshold"] == 0.5 and ad["m"] == 2
+    assert ad["paired"] == summary["paired"]["safety-game-adaptive"]["safety-game"]
+    assert ad["paired"]["ci"][0] <= ad["paired"]["diff"] <= ad["paired"]["ci"][1]
+    assert set(ad["by_threshold"]) == {"0", "0.3", "0.5", "0.7", "0.9"}
+    assert 1.0 <= ad["mean_drawn"] <= 2.0
+    assert "safety-game-adaptive" in summary["methods"]
 
 
 class _FailFirstDouble(_OrderDouble):
@@ -237,3 +269,14 @@ class _DownDouble(_OrderDouble):
 def test_a_run_where_every_decision_failed_is_an_error_not_a_table() -> None:
     with pytest.raises(BackendError, match="4 failed, the first with generation_failed"):
         _run_open_on_4(_DownDouble(), RunTally())
+
+
+def test_cache_only_backend_makes_no_model_call() -> None:
+    be = CacheOnlyBackend.for_model("qwen2.5-coder-1.5b")
+    assert be.model_id.startswith("qwen2.5-coder-1.5b@") and len(be.model_id.split("@")[1]) == 12
+    with pytest.raises(ConfigError, match="packaged model"):
+        CacheOnlyBackend.for_model("/no/such.gguf")
+    cached = CachingBackend(be, ScoreCache(None))
+    with pytest.raises(BackendError, match="not in the cache"):
+        asyncio.run(cached.sample([Message("user", "q")], 2, SamplingConfig(seed=1)))
+    assert cached.model_calls == 2  # the misses are counted

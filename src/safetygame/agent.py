@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ from safetygame import game
 from safetygame.backends.base import Backend, Message, SamplingConfig, as_messages
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError
+from safetygame.game import FloatArray
 from safetygame.policy import Policy, load_policy
 from safetygame.probes import Score, Scorer
 from safetygame.scorers import build_scorer
@@ -99,6 +100,11 @@ class Decision:
             "policy_id": self.policy_id,
             "policy_version": self.policy_version,
         }
+
+
+def _listed(by_index: Mapping[int, Score]) -> list[Score]:
+    """Scores keyed by candidate index, as a list in index order."""
+    return [by_index[i] for i in sorted(by_index)]
 
 
 class SafetyGame:
@@ -181,6 +187,9 @@ class SafetyGame:
     async def _run(
         self, chat: tuple[Message, ...], budgets: dict[str, float], seed: int | None, t0: float
     ) -> Decision:
+        """Sample, score, play. Adaptive sampling draws one candidate first and answers with it
+        when :func:`game.fast_path` allows; otherwise it draws the other m - 1 (seeds
+        seed + 1..., the ones a fixed draw of m gives them) and plays the full game."""
         timings: dict[str, float] = {}
         pol = self.policy
         cfg = SamplingConfig(
@@ -189,24 +198,57 @@ class SafetyGame:
             max_tokens=pol.sampling.max_tokens,
             seed=seed,
         )
-        t = time.perf_counter()
-        try:
-            completions = await self.backend.sample(chat, pol.sampling.n, cfg)
-        except BackendError as exc:
-            return self._refuse(
-                chat, budgets, Status.GENERATION_FAILED, f"{type(exc).__name__}: {exc}", t0, timings
-            )
-        timings["generate_s"] = time.perf_counter() - t
-        texts = [pol.refusal] + [c.text.strip() for c in completions]
-        completion_tokens = [0] + [c.completion_tokens for c in completions]
-
-        t = time.perf_counter()
+        m = pol.sampling.n
+        adaptive = pol.sampling.mode == "adaptive" and m > 1
         questions = {
             "harm": pol.probes.harm.question,
             **{c.name: c.question for c in pol.categories},
         }
-        help_scores, harm_scores = await self._score_all(chat, texts, questions)
-        timings["score_s"] = time.perf_counter() - t
+        texts: list[str] = [pol.refusal]
+        completion_tokens = [0]
+        help_at: dict[int, Score] = {}
+        harm_at: dict[str, dict[int, Score]] = {name: {} for name in questions}
+        path = "fixed"
+        for stage, (n, stage_cfg) in enumerate(self._draws(cfg, m, adaptive)):
+            t = time.perf_counter()
+            try:
+                completions = await self.backend.sample(chat, n, stage_cfg)
+            except BackendError as exc:
+                seen = bool(help_at)  # a second draw failed: keep what the first one saw
+                return self._refuse(
+                    chat, budgets, Status.GENERATION_FAILED, f"{type(exc).__name__}: {exc}", t0,
+                    timings, texts=texts if seen else None,
+                    help_scores=_listed(help_at) if seen else None,
+                    harm_scores={k: _listed(v) for k, v in harm_at.items()} if seen else None,
+                    completion_tokens=completion_tokens if seen else None,
+                    extra={"path": "full", "drawn": len(texts) - 1} if seen else None,
+                )  # fmt: skip
+            timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t
+            new = list(range(len(texts), len(texts) + len(completions)))
+            texts += [c.text.strip() for c in completions]
+            completion_tokens += [c.completion_tokens for c in completions]
+            t = time.perf_counter()
+            # The refusal is read once, with the first draw; later draws read only new texts.
+            only = new if stage else [*new, REFUSAL_INDEX]
+            hs, ds = await self._score_all(chat, texts, questions, only)
+            timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
+            for k, i in enumerate(only):
+                help_at[i] = hs[k]
+                for name in questions:
+                    harm_at[name][i] = ds[name][k]
+            if not adaptive:
+                break
+            if stage == 0:
+                first = self._fast(texts, help_at, harm_at, budgets)
+                if first is None:
+                    path = "full"
+                    continue
+                path = "fast"
+                break
+        help_scores = _listed(help_at)
+        harm_scores = {name: _listed(v) for name, v in harm_at.items()}
+        drawn = len(texts) - 1
+        extra = {"path": path, "drawn": drawn, "scope": self._scope(budgets)}
 
         errors = [
             f"candidate {i} {probe}: {s.error}"
@@ -220,7 +262,7 @@ class SafetyGame:
             return self._refuse(
                 chat, budgets, Status.SCORING_FAILED, reason, t0, timings,
                 texts=texts, help_scores=help_scores, harm_scores=harm_scores,
-                completion_tokens=completion_tokens,
+                completion_tokens=completion_tokens, extra=extra,
             )  # fmt: skip
 
         t = time.perf_counter()
@@ -229,28 +271,37 @@ class SafetyGame:
         # An empty sample cannot be an answer: give it no gain and full extra risk.
         for i in empty:
             h[i], d[:, i] = 0.0, 1.0
-        mg = game.margins(h, d, refusal=REFUSAL_INDEX)
         g = pol.game
-        result = game.solve(
-            mg,
-            np.array(list(budgets.values())),
-            method=self.method,
-            beta=g.beta,
-            penalty=g.penalty,
-            temperature=g.temperature,
-            epsilon=g.epsilon,
-        )
+        if extra["scope"] == "traffic":
+            mg = game.margins(h, d, refusal=REFUSAL_INDEX)
+            assert g.price_of_risk is not None  # the policy checks this at load time
+            price = g.price_of_risk.value
+            pick = game.best_response(mg, price, epsilon=g.epsilon)
+            strategy = np.zeros(len(texts))
+            strategy[pick] = 1.0
+            result = game.GameResult(
+                strategy=strategy, value=float(mg.M[pick]), objective=float(mg.M[pick]),
+                expected_risk=mg.Delta2d[:, pick].copy(), budget=np.array(list(budgets.values())),
+                multiplier=np.array([price]), status=game.Status.OPTIMAL,
+                message=f"traffic price {price:g}: best response is candidate {pick}",
+                solver="traffic-price", margins=mg,
+            )  # fmt: skip
+        else:
+            mg, result = self._solve(h, d, budgets)
         timings["solve_s"] = time.perf_counter() - t
         if not result.success:
             return self._refuse(
                 chat, budgets, Status.SOLVER_FAILED, result.message, t0, timings,
                 texts=texts, help_scores=help_scores, harm_scores=harm_scores,
-                completion_tokens=completion_tokens,
+                completion_tokens=completion_tokens, extra=extra,
             )  # fmt: skip
-        draw_seed = seed if seed is not None else g.seed
-        # Any integer seeds the draw (numpy's generator takes non-negative ones only).
-        rng = np.random.default_rng(None if draw_seed is None else draw_seed % 2**64)
-        chosen = game.choose(result, mode=g.choose, rng=rng)
+        if path == "fast":
+            chosen = 1  # fast_path checked that the strategy is this candidate alone
+        else:
+            draw_seed = seed if seed is not None else g.seed
+            # Any integer seeds the draw (numpy's generator takes non-negative ones only).
+            rng = np.random.default_rng(None if draw_seed is None else draw_seed % 2**64)
+            chosen = game.choose(result, mode=g.choose, rng=rng)
         timings["total_s"] = time.perf_counter() - t0
         names = list(budgets)
         candidates = tuple(
@@ -279,12 +330,74 @@ class SafetyGame:
             multiplier={n: float(x) for n, x in zip(names, result.multiplier, strict=True)},
             solver=result.solver,
             tokens=self._tokens(completion_tokens, help_scores, harm_scores),
+            extra=extra,
         )  # fmt: skip
 
+    @staticmethod
+    def _draws(cfg: SamplingConfig, m: int, adaptive: bool) -> list[tuple[int, SamplingConfig]]:
+        """(how many, config) per draw. Backends seed sample i with seed + i, so the second
+        adaptive draw starts at seed + 1: the same candidates as one fixed draw of m."""
+        if not adaptive:
+            return [(m, cfg)]
+        rest = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + 1)
+        return [(1, cfg), (m - 1, rest)]
+
+    def _scope(self, budgets: dict[str, float]) -> str:
+        """``traffic`` when the policy prices risk and the request kept its budget; a request
+        that lowers the budget gets the per-prompt game at that budget (a stricter bound)."""
+        g = self.policy.game
+        if g.scope == "traffic" and budgets == self.policy.budgets:
+            return "traffic"
+        return "prompt"
+
+    def _solve(
+        self, h: FloatArray, d: FloatArray, budgets: dict[str, float]
+    ) -> tuple[game.Margins, game.GameResult]:
+        mg = game.margins(h, d, refusal=REFUSAL_INDEX)
+        g = self.policy.game
+        result = game.solve(
+            mg,
+            np.array(list(budgets.values())),
+            method=self.method,
+            beta=g.beta,
+            penalty=g.penalty,
+            temperature=g.temperature,
+            epsilon=g.epsilon,
+        )
+        return mg, result
+
+    def _fast(
+        self,
+        texts: list[str],
+        help_at: dict[int, Score],
+        harm_at: dict[str, dict[int, Score]],
+        budgets: dict[str, float],
+    ) -> game.GameResult | None:
+        """The game restricted to {refusal, candidate 1}, if it takes the fast path."""
+        help_scores = _listed(help_at)
+        harm_scores = {name: _listed(v) for name, v in harm_at.items()}
+        rows = [help_scores, *harm_scores.values()]
+        if not texts[1] or any(not row[i].ok for row in rows for i in (0, 1)):
+            return None  # an empty or unscored first candidate: the full game decides
+        h = np.array([help_scores[0].value, help_scores[1].value], dtype=float)
+        d = np.array([[row[0].value, row[1].value] for row in harm_scores.values()], dtype=float)
+        try:
+            _, result = self._solve(h, d, budgets)
+        except ConfigError:
+            return None  # a score outside [0, 1]: the full game reports it
+        threshold = self.policy.sampling.fast_path_helpfulness
+        ok = game.fast_path(result, 1, float(h[1]), threshold, epsilon=self.policy.game.epsilon)
+        return result if ok else None
+
     async def _score_all(
-        self, chat: tuple[Message, ...], texts: list[str], questions: dict[str, str]
+        self,
+        chat: tuple[Message, ...],
+        texts: list[str],
+        questions: dict[str, str],
+        only: Sequence[int] | None = None,
     ) -> tuple[list[Score], dict[str, list[Score]]]:
-        """Candidates concurrently; each candidate's probes one after another.
+        """Candidates concurrently; each candidate's probes one after another. Returns the
+        scores of ``only`` (indices into ``texts``, in that order), by default of all.
 
         A candidate's probe prompts share everything up to the question, so asking them in
         turn lets a llama.cpp-style server reuse the cached prefix for all but the first.
@@ -310,9 +423,12 @@ class SafetyGame:
 
         # Sampled replies first, the refusal last: with a followup scorer each reply's probes
         # should reach the slot that generated it before the refusal's probe takes a slot.
-        order = [i for i in range(len(texts)) if i != REFUSAL_INDEX] + [REFUSAL_INDEX]
+        wanted = list(range(len(texts))) if only is None else list(only)
+        order = [i for i in wanted if i != REFUSAL_INDEX] + [
+            i for i in wanted if i == REFUSAL_INDEX
+        ]
         started = await asyncio.gather(*(one(i) for i in order))
-        rows = [started[order.index(i)] for i in range(len(texts))]
+        rows = [started[order.index(i)] for i in wanted]
         harm = {name: [row[k + 1] for row in rows] for k, name in enumerate(questions)}
         return [row[0] for row in rows], harm
 
@@ -342,6 +458,7 @@ class SafetyGame:
         help_scores: list[Score] | None = None,
         harm_scores: dict[str, list[Score]] | None = None,
         completion_tokens: list[int] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Decision:
         """Fail closed: the refusal, with whatever was observed before the failure."""
         texts = texts or [self.policy.refusal]
@@ -376,7 +493,7 @@ class SafetyGame:
         return self._decision(
             chat, budgets, status, reason, candidates, REFUSAL_INDEX, timings,
             action="refuse", value=None, expected_risk={}, multiplier={}, solver="",
-            tokens=tokens,
+            tokens=tokens, extra=extra,
         )  # fmt: skip
 
     def _decision(
@@ -395,6 +512,7 @@ class SafetyGame:
         multiplier: dict[str, float],
         solver: str,
         tokens: dict[str, int],
+        extra: dict[str, Any] | None = None,
     ) -> Decision:
         return Decision(
             id=uuid.uuid4().hex,
@@ -419,4 +537,5 @@ class SafetyGame:
             policy_id=self.policy.id,
             policy_version=self.policy.version,
             policy_digest=self.policy.digest,
+            extra=dict(extra or {}),
         )

@@ -30,6 +30,21 @@ def _finite(v: float | None, name: str) -> float | None:
     return v
 
 
+class PriceOfRisk(_Strict):
+    """A calibrated price of risk (``safetygame tune``) and what it was calibrated for."""
+
+    value: float = Field(ge=0.0, description="lambda, helpfulness given up per unit of risk")
+    budget: float = Field(ge=0.0, le=1.0, description="the mean budget T it was calibrated for")
+    epsilon: float = Field(0.0, ge=0.0, le=0.5)
+    n: int = Field(ge=1, description="calibration prompts")
+    source: str = Field("", description="where the calibration prompts came from")
+
+    @field_validator("value", "budget", "epsilon")
+    @classmethod
+    def _check_finite(cls, v: float, info: Any) -> float | None:
+        return _finite(v, info.field_name)
+
+
 class GameSettings(_Strict):
     budget: float = Field(0.1, ge=0.0, le=1.0, description="T, the extra-risk budget")
     beta: float | None = Field(None, ge=0.0)
@@ -38,6 +53,8 @@ class GameSettings(_Strict):
     epsilon: float = Field(0.0, ge=0.0, le=0.5)
     choose: Literal["sample", "argmax"] = "sample"
     seed: int | None = None
+    scope: Literal["prompt", "traffic"] = "prompt"
+    price_of_risk: PriceOfRisk | None = None
 
     @field_validator("budget", "beta", "penalty", "temperature", "epsilon")
     @classmethod
@@ -48,14 +65,36 @@ class GameSettings(_Strict):
     def _soft_cap_needs_beta(self) -> GameSettings:
         if self.temperature is not None and self.beta is None:
             raise ValueError("temperature (the soft cap) needs a finite beta")
+        if self.scope == "prompt":
+            if self.price_of_risk is not None:
+                raise ValueError("price_of_risk is used only with scope: traffic")
+            return self
+        p = self.price_of_risk
+        if p is None:
+            raise ValueError("scope: traffic needs a price_of_risk: run `safetygame tune`")
+        if self.beta is not None:
+            raise ValueError("scope: traffic is the hard budget's price: beta must be null")
+        if p.budget != self.budget or p.epsilon != self.epsilon:
+            raise ValueError(
+                f"price_of_risk was calibrated for budget {p.budget:g}, epsilon {p.epsilon:g}, "
+                f"but the policy has budget {self.budget:g}, epsilon {self.epsilon:g}: "
+                "run `safetygame tune` again"
+            )
         return self
 
 
 class SamplingSettings(_Strict):
     n: int = Field(4, ge=1, le=64)
+    mode: Literal["fixed", "adaptive"] = "fixed"
+    fast_path_helpfulness: float = Field(0.5, ge=0.0, le=1.0)
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=1, le=8192)
+
+    @field_validator("fast_path_helpfulness")
+    @classmethod
+    def _check_finite(cls, v: float, info: Any) -> float | None:
+        return _finite(v, info.field_name)
 
 
 class ProbeQuestion(_Strict):
@@ -100,6 +139,14 @@ class Policy(_Strict):
             raise ValueError(f"category names must be unique, repeated: {sorted(dupes)}")
         if "harm" in names:
             raise ValueError("category name 'harm' is reserved for the main harm probe")
+        if self.game.scope == "traffic":
+            if self.categories:
+                raise ValueError("game.scope: traffic prices one risk row: categories must be []")
+            if self.sampling.mode == "adaptive":
+                raise ValueError(
+                    "sampling.mode: adaptive keeps a per-prompt budget; "
+                    "it does not combine with game.scope: traffic"
+                )
         return self
 
     @property

@@ -30,6 +30,7 @@ def _register() -> None:
         scorers,
         serve,
         solve,
+        tune,
     )
     from safetygame.cli import eval as _eval  # noqa: F401
 

@@ -19,6 +19,7 @@ from safetygame.cli._common import (
     print_json,
 )
 from safetygame.policy import load_policy, policy_yaml
+from safetygame.tune import traffic_notice
 
 
 def render_decision(decision: Decision) -> str:
@@ -69,6 +70,9 @@ def ask(
 ) -> None:
     """Answer PROMPT through the Safety Game and show the candidates it weighed."""
     policy = load_policy(policy_ref)
+    notice = traffic_notice(policy)
+    if notice:
+        click.echo(notice, err=True)
 
     async def run() -> Decision:
         async with open_backend(model, upstream, api_key) as backend:

@@ -23,6 +23,7 @@ from safetygame.cli._common import (
     progress_option,
     show_progress,
 )
+from safetygame.errors import ConfigError
 from safetygame.policy import load_policy
 
 BENCHMARK_NAMES = ("hhh", "truthfulqa", "safetybench", "xstest", "harmbench", "advbench")
@@ -47,14 +48,26 @@ def _run_benchmark(
     parallel: int | None,
     progress: bool | None,
     as_json: bool,
+    cache_only: bool,
 ) -> None:
+    from safetygame.backends.base import Backend
     from safetygame.cache import ScoreCache
     from safetygame.eval.refusal import Mode
     from safetygame.eval.runner import run_benchmark
+    from safetygame.eval.scoring import CacheOnlyBackend
+    from safetygame.models import DEFAULT_MODEL
+
+    if cache_only and upstream:
+        raise ConfigError("--cache-only reads the cache of a packaged model: drop --upstream")
+
+    def backend() -> Backend:
+        if cache_only:
+            return CacheOnlyBackend.for_model(model or DEFAULT_MODEL)
+        return open_backend(model, upstream, api_key, parallel)
 
     run = run_benchmark(
         benchmark,
-        lambda: open_backend(model, upstream, api_key, parallel),
+        backend,
         load_policy(policy_ref),
         ScoreCache(cache_path) if cache_path else ScoreCache(),
         out or Path("results") / benchmark,
@@ -145,6 +158,12 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         help="How the refusal detector combines patterns and probe (open-ended).",
     )
     @parallel_option
+    @click.option(
+        "--cache-only",
+        is_flag=True,
+        help="Report from the score cache alone: load no model; a missing reading fails "
+        "(counted in stats.model_calls).",
+    )
     @progress_option
     @json_option
     @clean_errors

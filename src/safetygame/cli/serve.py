@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -26,6 +27,8 @@ from safetygame.cli._common import (
 )
 from safetygame.errors import ConfigError
 from safetygame.gateway.audit import DEFAULT_AUDIT_URL as DEFAULT_AUDIT
+from safetygame.policy import load_policy
+from safetygame.tune import traffic_notice
 
 
 def workers_option(help: str) -> Callable[[F], F]:
@@ -205,6 +208,10 @@ def serve(
     )
     if upstream_concurrency < 1:
         raise ConfigError("--upstream-concurrency must be >= 1")
+    with contextlib.suppress(ConfigError):  # the gateway itself reports a bad policy
+        notice = traffic_notice(load_policy(policy))
+        if notice:
+            click.echo(notice, err=True)  # stderr: stdout's first line is the URL
 
     def ready(url: str, worker_pids: list[int] | None = None) -> None:
         if as_json:

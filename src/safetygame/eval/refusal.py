@@ -16,11 +16,13 @@ rate is reported beside it. Every reading keeps both parts, so their
 agreement can be reported (:func:`agreement`).
 
 The open-ended study (:func:`run_open`) asks :class:`~safetygame.agent.SafetyGame` once per
-prompt and derives three systems from that one :class:`~safetygame.agent.Decision`, with no
+prompt and derives its systems from that one :class:`~safetygame.agent.Decision`, with no
 further model call: the **plain model** (the first sample), the **risk filter** (the most
-helpful sample whose extra harm is within T, else the refusal) and the **Safety Game** (the
-LP's mixed strategy at T). Refusal rates are expectations under each strategy: sum over
-candidates of pi_i * refused_i.
+helpful sample whose extra harm is within T, else the refusal), the **Safety Game** (the
+LP's mixed strategy at T) and **adaptive sampling** (the first sample alone where
+:func:`safetygame.game.fast_path` allows it, else the Safety Game: what
+``sampling.mode: adaptive`` plays with the same seed, :func:`adaptive_strategies`). Refusal
+rates are expectations under each strategy: sum over candidates of pi_i * refused_i.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from safetygame import game
 from safetygame.agent import Decision, SafetyGame, Status
 from safetygame.backends.base import Backend, Message
 from safetygame.cache import ScoreCache
@@ -52,7 +55,7 @@ from safetygame.eval.methods import (
 )
 from safetygame.eval.scoring import RunTally, gather_in_order
 from safetygame.eval.stats import bootstrap_ci, paired_bootstrap
-from safetygame.policy import Policy
+from safetygame.policy import Policy, policy_from_dict
 from safetygame.probes import LLMJudge, Scorer
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "REFUSAL_QUESTION",
     "RefusalDetector",
     "RefusalReading",
+    "adaptive_strategies",
     "agreement",
     "decision_table",
     "matches_refusal_pattern",
@@ -242,6 +246,9 @@ async def validate_detector(detector: RefusalDetector, policy: Policy) -> dict[s
 # --------------------------------------------------------------------------- open-ended study
 
 PLAIN, FILTER, GAME, POOLED = "plain", "filter", "safety-game", "safety-game-pooled"
+ADAPTIVE = "safety-game-adaptive"
+#: fast-path helpfulness thresholds the study also reports (the policy's own is the headline)
+ADAPTIVE_THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 0.9)
 OPEN_METHODS = (PLAIN, FILTER, GAME)
 CURVE_METHODS = (FILTER, GAME, POOLED)
 
@@ -306,6 +313,32 @@ def open_strategies(
     }
 
 
+def adaptive_strategies(
+    table: ScoreTable, full: FloatArray, budget: float, threshold: float, epsilon: float = 0.0
+) -> tuple[FloatArray, NDArray[np.bool_]]:
+    """Adaptive sampling's (n, m + 1) strategies (refusal last) and which rows took the
+    fast path, from the fixed-m game's strategies ``full`` at the same budget.
+
+    Per row, as the agent does: the game restricted to the refusal and the first sample,
+    then :func:`safetygame.game.fast_path` with the policy's helpfulness ``threshold``; the
+    fast path plays the first sample alone, else the full game's strategy stands. With the
+    same seed the adaptive agent's samples are the fixed draw's (backends seed sample i with
+    seed + i), so this is what it would have answered, with no model call.
+    """
+    h_s, d_s = table.refusal_scores()
+    out = np.array(full, dtype=float)
+    fast = np.zeros(table.n_items, dtype=bool)
+    for i in range(table.n_items):
+        h1 = float(table.helpful[i, 0])
+        mg = game.margins([h_s[i], h1], [d_s[i], float(table.harm[i, 0])])
+        first = game.solve(mg, budget, epsilon=epsilon)
+        if game.fast_path(first, 1, h1, threshold, epsilon=epsilon):
+            out[i] = 0.0
+            out[i, 0] = 1.0
+            fast[i] = True
+    return out, fast
+
+
 def behaviour_score(refused: FloatArray, labels: Sequence[str]) -> FloatArray:
     """Per prompt: (expected) refusal on harmful/unsafe prompts, compliance on safe ones."""
     safe = np.array([lab == "safe" for lab in labels])
@@ -345,7 +378,10 @@ async def run_open(
     items = [*dev_items, *test_items]
     # No per-decision timeout: a decision that waits its turn behind other prompts would be
     # cut off and scored as the policy's refusal. Each model call keeps its own timeout.
-    agent = SafetyGame(backend, policy, cache=cache, timeout=None)
+    # The study draws all m candidates (fixed sampling); adaptive sampling is derived from them.
+    fixed = policy.model_dump()
+    fixed["sampling"]["mode"] = "fixed"
+    agent = SafetyGame(backend, policy_from_dict(fixed, "<study>"), cache=cache, timeout=None)
     detector = RefusalDetector(LLMJudge(backend, policy.probes.judge_system, cache), mode=mode)
     sem = asyncio.Semaphore(max(1, backend.max_concurrency // 2))
     bar = tqdm(
@@ -419,6 +455,10 @@ async def run_open(
         FILTER: open_strategies(test, tuned[FILTER]["budget"], eps)[FILTER],
         GAME: open_strategies(test, tuned[GAME]["budget"], eps)[GAME],
     }
+    threshold = policy.sampling.fast_path_helpfulness
+    strategies[ADAPTIVE], fast = adaptive_strategies(
+        test, strategies[GAME], tuned[GAME]["budget"], threshold, eps
+    )
     harmful = np.array([lab != "safe" for lab in test_labels])
     methods: dict[str, Any] = {}
     behaviour: dict[str, FloatArray] = {}
@@ -429,7 +469,9 @@ async def run_open(
             "score": float(behaviour[name].mean()),
             "extra_risk": float(expected_extra_risk(s, test).mean()),
             "helpfulness": float(expected_helpfulness(s, test).mean()),
-            "budget": tuned[name]["budget"] if name in tuned else None,
+            "budget": tuned[GAME if name == ADAPTIVE else name]["budget"]
+            if name in tuned or name == ADAPTIVE
+            else None,
         }
         for part, cols in (("pattern", by_pattern), ("probe", by_probe)):
             rp = _expected_refusal(s, cols[test_idx])
@@ -457,6 +499,10 @@ async def run_open(
             seed=cfg.seed,
         )
         paired[other] = {"diff": d.diff, "ci": [d.low, d.high], "p_value": d.p_value}
+    adaptive = _adaptive_summary(
+        test, strategies[GAME], behaviour, fast, test_refused, test_labels,
+        tuned[GAME]["budget"], threshold, eps, cfg,
+    )  # fmt: skip
     all_readings = [r for i in np.flatnonzero(ok) for r in readings[i]]
     summary = {
         "n": int(test_idx.size),
@@ -466,8 +512,9 @@ async def run_open(
         "n_failed_decisions": len(failed_ids),
         "failed_ids": failed_ids,
         "methods": methods,
-        "paired": {GAME: paired},
+        "paired": {GAME: paired, ADAPTIVE: {GAME: adaptive["paired"]}},
         "tuned": tuned,
+        "adaptive": adaptive,
         "detector": {
             "mode": mode,
             "threshold": detector.threshold,
@@ -491,6 +538,56 @@ async def run_open(
     test_row = {int(i): row for row, i in enumerate(test_idx)}
     records = _records(items, decisions, readings, n_dev, test_row, strategies)
     return summary, curves, records
+
+
+def _adaptive_summary(
+    test: ScoreTable,
+    full: FloatArray,
+    behaviour: Mapping[str, FloatArray],
+    fast: NDArray[np.bool_],
+    refused: FloatArray,
+    labels: Sequence[str],
+    budget: float,
+    threshold: float,
+    epsilon: float,
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    """Adaptive minus fixed m on the behaviour score (paired bootstrap over test prompts),
+    the fast path's share, and the same at every threshold of ADAPTIVE_THRESHOLDS."""
+    safe = np.array([lab == "safe" for lab in labels])
+    m = test.n_options
+
+    def one(score: FloatArray, took: NDArray[np.bool_]) -> dict[str, Any]:
+        d = paired_bootstrap(
+            score, behaviour[GAME], n_resamples=cfg.n_resamples, confidence=cfg.confidence,
+            seed=cfg.seed,
+        )  # fmt: skip
+        return {
+            "diff": d.diff,
+            "ci": [d.low, d.high],
+            "p_value": d.p_value,
+            "fast_share": float(took.mean()),
+            "fast_share_safe": float(took[safe].mean()) if safe.any() else None,
+            "fast_share_unsafe": float(took[~safe].mean()) if (~safe).any() else None,
+            "mean_drawn": float(np.where(took, 1, m).mean()),
+        }
+
+    grid = {}
+    for thr in ADAPTIVE_THRESHOLDS:
+        s, took = adaptive_strategies(test, full, budget, thr, epsilon)
+        grid[f"{thr:g}"] = one(behaviour_score(_expected_refusal(s, refused), labels), took)
+    head = one(behaviour[ADAPTIVE], fast)
+    return {
+        "threshold": threshold,
+        "budget": budget,
+        "m": m,
+        "score": float(behaviour[ADAPTIVE].mean()),
+        "fixed_score": float(behaviour[GAME].mean()),
+        **{k: head[k] for k in ("fast_share", "fast_share_safe", "fast_share_unsafe")},
+        "mean_drawn": head["mean_drawn"],
+        "paired": {k: head[k] for k in ("diff", "ci", "p_value")},
+        "by_threshold": grid,
+    }
 
 
 def _columns(

@@ -17,6 +17,8 @@ would evaluate it again.
 
 :class:`CachingBackend` adds the same content-hash caching to sampling, so open-ended runs
 (which sample candidates) are resumable too and a repeated run makes no model call.
+:class:`CacheOnlyBackend` is no model at all: under it a run reads the cache alone
+(``safetygame eval ... --cache-only``), and any reading the cache lacks fails.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from tqdm import tqdm
 
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
 from safetygame.cache import ScoreCache, content_key
+from safetygame.errors import BackendError, ConfigError
 from safetygame.eval.datasets import MCItem
 from safetygame.policy import Policy
 from safetygame.probes import GeneratorLikelihood, LLMJudge, Score, Scorer
 
 __all__ = [
+    "CacheOnlyBackend",
     "CachingBackend",
     "ItemScores",
     "RunTally",
@@ -321,3 +325,44 @@ class CachingBackend(Backend):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class CacheOnlyBackend(Backend):
+    """No model: every request fails with :class:`BackendError`. Wrapped in
+    :class:`CachingBackend` (and read by the scorers through their cache) it makes a run
+    report from the cache alone, without loading a model; each request that reaches it is a
+    cache miss, counted in ``CachingBackend.model_calls`` and failed like an outage.
+
+    ``model_id`` must be the id the cached readings were made with (cache keys hold it):
+    :meth:`for_model` gives a packaged model's without loading or hashing its file.
+    """
+
+    def __init__(self, model_id: str, max_concurrency: int = 8) -> None:
+        self.model_id = model_id
+        self.max_concurrency = max_concurrency
+
+    @classmethod
+    def for_model(cls, name: str) -> CacheOnlyBackend:
+        from safetygame.models import REGISTRY
+
+        if name not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY))
+            raise ConfigError(
+                f"--cache-only needs a packaged model name ({known}), not {name!r}: "
+                "its cache keys hold the model id"
+            )
+        return cls(f"{name}@{REGISTRY[name].sha256[:12]}")
+
+    def _miss(self, what: str) -> BackendError:
+        return BackendError(f"{what} is not in the cache, and this run makes no model call")
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        raise self._miss("a sample")
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        raise self._miss("a yes/no reading")
+
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        raise self._miss("a log-likelihood")

@@ -16,7 +16,8 @@ which :func:`solve` answers exactly on the upper concave hull of the (Delta, M) 
 The package is split by solver family: ``_validation`` (input checks), ``_core``
 (margins, results and the re-check), ``_exact`` (hull solvers), ``_highs`` (the HiGHS
 reference), ``_solve`` (the one-prompt dispatcher and :func:`choose`), ``_batch``
-(:func:`solve_batch`) and ``_pooled`` (:func:`solve_pooled`).
+(:func:`solve_batch`), ``_pooled`` (:func:`solve_pooled`) and ``_deploy`` (the adaptive
+fast path :func:`fast_path`; the traffic price :func:`calibrate_price`, :func:`best_response`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 from safetygame.game._batch import BatchResult, solve_batch
 from safetygame.game._core import FEAS_TOL as FEAS_TOL
 from safetygame.game._core import GameResult, Margins, Status, margins
+from safetygame.game._deploy import PriceCalibration, best_response, calibrate_price, fast_path
 from safetygame.game._pooled import PooledResult, solve_pooled
 from safetygame.game._solve import Method as Method
 from safetygame.game._solve import choose, solve
@@ -34,8 +36,12 @@ __all__ = [
     "GameResult",
     "Margins",
     "PooledResult",
+    "PriceCalibration",
     "Status",
+    "best_response",
+    "calibrate_price",
     "choose",
+    "fast_path",
     "margins",
     "solve",
     "solve_batch",

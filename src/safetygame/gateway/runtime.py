@@ -154,6 +154,9 @@ class Tenants:
     keyring: KeyRing = field(init=False)
     runtimes: dict[str, TenantRuntime] = field(init=False)
     tenants_stamp: tuple[int, int] | None = field(init=False, default=None)
+    # A changed file is read only once its stamp has held for one check: an editor (or a
+    # test) writing it in place is never judged half-written.
+    _seen: dict[str, tuple[int, int] | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         # At start-up a bad file is fatal (ConfigError): never serve without a valid policy.
@@ -179,12 +182,12 @@ class Tenants:
         events: list[str] = []
         if self.tenants_file is not None:
             stamp = _stamp(str(self.tenants_file))
-            if stamp != self.tenants_stamp:
+            if stamp != self.tenants_stamp and self._settled(str(self.tenants_file), stamp):
                 self.tenants_stamp = stamp
                 events += self._reload_tenants()
         for name, rt in list(self.runtimes.items()):
             stamp = _stamp(rt.policy_ref)
-            if stamp == rt.stamp:
+            if stamp == rt.stamp or not self._settled(rt.policy_ref, stamp):
                 continue
             rt.stamp = stamp
             try:
@@ -210,6 +213,12 @@ class Tenants:
                 log.info(msg)
                 events.append(msg)
         return events
+
+    def _settled(self, path: str, stamp: tuple[int, int] | None) -> bool:
+        """True when ``path`` had this stamp at the previous check as well."""
+        settled = self._seen.get(path, ()) == stamp
+        self._seen[path] = stamp
+        return settled
 
     def _reload_tenants(self) -> list[str]:
         assert self.tenants_file is not None
