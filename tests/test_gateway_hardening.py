@@ -272,7 +272,8 @@ async def test_tenant_removed_while_its_body_uploads_is_401(tmp_path: Path) -> N
             data = yaml.safe_load(tenants.read_text())
             del data["tenants"]["acme"]
             tenants.write_text(yaml.safe_dump(data))
-            gw.tenants.check()
+            gw.tenants.check()  # sees the change
+            gw.tenants.check()  # the file has settled: reloaded
             assert "acme" not in gw.tenants.runtimes
             yield body[10:]
 
