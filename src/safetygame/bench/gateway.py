@@ -47,7 +47,7 @@ from typing import Literal
 import httpx
 import numpy as np
 
-from safetygame.backends.openai_compat import _KeepAliveTransport
+from safetygame.backends.transport import KeepAliveTransport
 
 Fault = Literal["garbage", "http500", "wrong_shape", "hang"]
 
@@ -277,7 +277,7 @@ async def _load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     # The backend's lean keep-alive transport: the load generator shares the machine with
     # the gateway, so its own CPU per request is kept small.
-    transport = _KeepAliveTransport(concurrency, concurrency)
+    transport = KeepAliveTransport(concurrency, concurrency)
     async with httpx.AsyncClient(
         base_url=url, timeout=120, limits=limits, transport=transport
     ) as client:
