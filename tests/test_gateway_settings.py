@@ -38,6 +38,7 @@ def non_default_values(tmp_path: Path) -> dict[str, Any]:
         "upstream_api_key": SECRET,
         "timeout": 33.0,
         "upstream_concurrency": 7,
+        "upstream_transport": "httpx",
         "max_body_bytes": 5000,
         "reload_interval": 0.25,
         "max_header_bytes": 4096,

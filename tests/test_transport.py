@@ -198,3 +198,37 @@ def test_classify_status_reads_retry_after_only_when_retrying() -> None:
     assert classify_status(200, {"retry-after": "7"}) == StatusClass("ok")
     # httpx's case-insensitive headers work as well as the lower-case dict
     assert classify_status(429, httpx.Headers({"Retry-After": "3"})).retry_after == 3.0
+
+
+def test_bench_gateway_compares_transports_in_one_run() -> None:
+    """``bench gateway --transport hand --transport httpx``: both gateways answer every
+    request through their own upstream client, in one invocation."""
+    import json
+
+    from click.testing import CliRunner
+
+    from safetygame.cli import main
+
+    res = CliRunner().invoke(
+        main,
+        ["bench", "gateway", "--requests", "20", "--concurrency", "4", "--latency-ms", "1",
+         "--transport", "hand", "--transport", "httpx", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["transport"] == "hand" and set(out["by_transport"]) == {"hand", "httpx"}
+    for kind, run in out["by_transport"].items():
+        assert run["transport"] == kind and run["statuses"] == {"200": 20}
+        assert run["upstream_http_per_request"] >= run["upstream_rounds"]
+
+
+async def test_the_httpx_transport_serves_the_backend() -> None:
+    from safetygame.backends.transport import httpx_transport
+
+    with Server(lambda: response(b'{"prompt": "p"}')).running() as srv:
+        backend = OpenAICompatBackend(srv.url, transport=httpx_transport(4))
+        try:
+            assert await backend._post("/apply-template", {}) == {"prompt": "p"}
+            assert backend._loop_state().direct is None  # httpx's client path, not DirectPost
+        finally:
+            await backend.aclose()

@@ -24,6 +24,7 @@ from safetygame.cli._common import (
     F,
     clean_errors,
     fail,
+    format_table,
     json_option,
     open_backend,
     print_json,
@@ -56,6 +57,7 @@ def _backend(settings: ServeSettings, concurrency: int | None = None) -> Backend
         settings.api_key,
         parallel=concurrency or settings.upstream_concurrency,
         timeout=settings.timeout,
+        transport=settings.upstream_transport,
     )
 
 
@@ -301,6 +303,14 @@ def hash_key_cmd(key: str | None, as_json: bool) -> None:
     show_default=True,
     help="Upstream calls the gateway keeps in flight (>= 5 x concurrency, or it is the cap).",
 )
+@click.option(
+    "--transport",
+    "transports",
+    type=click.Choice(["hand", "httpx"]),
+    multiple=True,
+    help="The gateway's upstream HTTP client (serve --upstream-transport); repeat it to "
+    "compare them side by side in one run (default: hand).",
+)
 @workers_option("Gateway processes (safetygame serve --workers).")
 @json_option
 @clean_errors
@@ -309,36 +319,64 @@ def bench_gateway(
     concurrency: int,
     latency_ms: float,
     upstream_concurrency: int,
+    transports: tuple[Literal["hand", "httpx"], ...],
     workers: int,
     as_json: bool,
 ) -> None:
-    """The gateway's own overhead against a fixed-latency loopback upstream (p50/p99 ms)."""
+    """The gateway's own overhead against a fixed-latency loopback upstream (p50/p99 ms).
+
+    With several --transport values the runs go one after another in this process, each
+    with its own upstream and gateway, and a comparison table follows. --json prints the
+    first run's result with ``by_transport`` holding every run."""
     from safetygame.bench.gateway import run_gateway_bench
 
     if requests < 1 or concurrency < 1 or latency_ms < 0:
         raise ConfigError("--requests and --concurrency must be >= 1, --latency-ms >= 0")
-    result = run_gateway_bench(
-        requests=requests,
-        concurrency=concurrency,
-        latency=latency_ms / 1000,
-        upstream_concurrency=upstream_concurrency,
-        workers=workers,
-    )
+    kinds = list(dict.fromkeys(transports)) or ["hand"]
+    results = {
+        kind: run_gateway_bench(
+            requests=requests,
+            concurrency=concurrency,
+            latency=latency_ms / 1000,
+            upstream_concurrency=upstream_concurrency,
+            workers=workers,
+            transport=kind,
+        )
+        for kind in kinds
+    }
+    runs = {kind: to_jsonable(result) for kind, result in results.items()}
     if as_json:
-        print_json(result)
+        print_json({**runs[kinds[0]], "by_transport": runs})
         return
-    r = to_jsonable(result)
-    click.echo(
-        f"gateway overhead at concurrency {r['concurrency']} ({r['ok']}/{r['requests']} ok, "
-        f"{r['throughput_rps']:.0f} req/s, upstream {r['upstream_latency_ms']:.0f} ms x "
-        f"{r['upstream_rounds']} rounds, {r['upstream_http_per_request']:.1f} upstream "
-        f"requests each, {r['workers']} worker(s))\n"
-        f"  outside upstream waits: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
-        f"(targets 5 / 20)\n"
-        f"  same without the audit commit wait: p50 {r['no_audit_p50_ms']:.2f} ms  "
-        f"p99 {r['no_audit_p99_ms']:.2f} ms (audit commit p50 {r['audit_p50_ms']:.2f} ms)\n"
-        f"  vs ideal critical path: p50 {r['vs_ideal_p50_ms']:.2f} ms  "
-        f"p99 {r['vs_ideal_p99_ms']:.2f} ms\n"
-        f"  client latency:         p50 {r['client_p50_ms']:.1f} ms  "
-        f"p99 {r['client_p99_ms']:.1f} ms"
-    )
+    for r in runs.values():
+        click.echo(
+            f"gateway overhead at concurrency {r['concurrency']} ({r['ok']}/{r['requests']} ok, "
+            f"{r['throughput_rps']:.0f} req/s, upstream {r['upstream_latency_ms']:.0f} ms x "
+            f"{r['upstream_rounds']} rounds, {r['upstream_http_per_request']:.1f} upstream "
+            f"requests each, {r['workers']} worker(s), transport {r['transport']})\n"
+            f"  outside upstream waits: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+            f"(targets 5 / 20)\n"
+            f"  same without the audit commit wait: p50 {r['no_audit_p50_ms']:.2f} ms  "
+            f"p99 {r['no_audit_p99_ms']:.2f} ms (audit commit p50 {r['audit_p50_ms']:.2f} ms)\n"
+            f"  vs ideal critical path: p50 {r['vs_ideal_p50_ms']:.2f} ms  "
+            f"p99 {r['vs_ideal_p99_ms']:.2f} ms\n"
+            f"  client latency:         p50 {r['client_p50_ms']:.1f} ms  "
+            f"p99 {r['client_p99_ms']:.1f} ms"
+        )
+    if len(runs) > 1:
+        rows = [
+            ["overhead p50 ms", "p50_ms", "{:.2f}"],
+            ["overhead p99 ms", "p99_ms", "{:.2f}"],
+            ["no-audit p50 ms", "no_audit_p50_ms", "{:.2f}"],
+            ["vs ideal p50 ms", "vs_ideal_p50_ms", "{:.2f}"],
+            ["vs ideal p99 ms", "vs_ideal_p99_ms", "{:.2f}"],
+            ["gateway CPU ms/request", "gateway_cpu_ms_per_request", "{:.2f}"],
+            ["throughput req/s", "throughput_rps", "{:.0f}"],
+        ]
+        click.echo(
+            "\nside by side (one run each, in this order; one run on a busy machine is noise):\n"
+            + format_table(
+                ["", *runs],
+                [[label, *(fmt.format(r[key]) for r in runs.values())] for label, key, fmt in rows],
+            )
+        )

@@ -88,6 +88,7 @@ class GatewaySettings:
 _GW = GatewaySettings()
 _HTTP = HttpLimits()
 LogLevel = Literal["debug", "info", "warning", "error"]
+UpstreamTransport = Literal["hand", "httpx"]  # backends.transport.TransportKind
 
 # The config file of the current ``ServeSettings.load`` call (see settings_customise_sources).
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -129,6 +130,11 @@ class ServeSettings(BaseSettings):
     )
     upstream_concurrency: int = Field(
         16, ge=1, description="Upstream calls in flight at once (URL upstreams)."
+    )
+    upstream_transport: UpstreamTransport = Field(
+        "hand",
+        description="HTTP client for a plain-http URL upstream: the hand-written keep-alive "
+        "transport (backends/transport.py) or httpx's own pool.",
     )
     max_body_bytes: int = Field(_GW.max_body_bytes, description="Bytes of one request body.")
     reload_interval: float = Field(
