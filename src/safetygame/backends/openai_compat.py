@@ -25,20 +25,18 @@
 
 Transport errors are retried with exponential backoff and full jitter (429, 5xx, connect
 errors; ``Retry-After`` is honoured), then mapped to the BackendError tree with ``from exc``.
+Which statuses are retried is ``backends/retry.py``'s ``classify_status``; the HTTP client
+(a lean keep-alive transport for plain-http upstreams, with response size limits) is
+``backends/transport.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import json
 import math
 import random
-import time
-import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
@@ -56,6 +54,19 @@ from safetygame.backends.base import (
     YesNo,
     yes_no_from_top_logprobs,
 )
+from safetygame.backends.retry import (
+    RETRY_STATUS,
+    RetryPolicy,
+    classify_status,
+    parse_retry_after,
+)
+from safetygame.backends.transport import (
+    DirectPost,
+    KeepAliveTransport,
+    LoopState,
+    Reply,
+    env_proxy,
+)
 from safetygame.errors import (
     BackendError,
     BackendProtocolError,
@@ -65,55 +76,17 @@ from safetygame.errors import (
     ConfigError,
 )
 
-__all__ = ["OpenAICompatBackend", "RetryPolicy", "parse_retry_after"]
+__all__ = ["RETRY_STATUS", "OpenAICompatBackend", "RetryPolicy", "parse_retry_after"]
 
 # A /completion prompt: text, or text followed by token ids (llama.cpp mixed prompts).
 Prompt = str | list[str | int]
 
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_MAX_CONCURRENCY = 8  # requests in flight per backend
 DEFAULT_TIMEOUT = 120.0  # seconds per request
 TOP_LOGPROBS = 20
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries: attempt k (0-based) waits uniform(0, min(cap, base * 2**k)) seconds."""
-
-    max_retries: int = 3
-    backoff_base: float = 0.5
-    backoff_cap: float = 8.0
-    retry_after_cap: float = 30.0  # never sleep longer than this on a server's say-so
-
-    def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ConfigError("max_retries must be >= 0")
-        if not (self.backoff_base >= 0 and self.backoff_cap >= 0):
-            raise ConfigError("backoff_base and backoff_cap must be >= 0")
-
-    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.retry_after_cap)
-        return rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2.0**attempt))
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), else None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
-
-
-def _upstream_message(resp: _Reply) -> str:
+def _upstream_message(resp: Reply) -> str:
     try:
         body = resp.json()
         err = body.get("error", body) if isinstance(body, dict) else body
@@ -134,365 +107,6 @@ def _get(obj: Any, *path: str | int) -> Any:
             where = ".".join(str(p) for p in path[: i + 1])
             raise BackendProtocolError(f"upstream response lacks {where}") from exc
     return cur
-
-
-@dataclass(frozen=True)
-class _Reply:
-    """One upstream HTTP response, whichever client path fetched it."""
-
-    status_code: int
-    headers: Mapping[str, str]  # looked up by lower-case name
-    content: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", errors="replace")
-
-
-class _Http1Connection(asyncio.Protocol):
-    """One HTTP/1.1 keep-alive connection, one request at a time (see ``_KeepAliveTransport``).
-
-    Incoming bytes collect in a buffer; the request coroutine parses them and waits on
-    ``_wake`` for more, so a response costs one write and a handful of callbacks.
-    """
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.closed = False
-        self._wake: asyncio.Future[None] | None = None
-        self._can_write: asyncio.Future[None] | None = None
-
-    # -- protocol callbacks (event loop) --
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self._notify()
-
-    def eof_received(self) -> bool:
-        self.closed = True
-        self._notify()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._notify()
-        if self._can_write is not None and not self._can_write.done():
-            self._can_write.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._can_write = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._can_write is not None and not self._can_write.done():
-            self._can_write.set_result(None)
-        self._can_write = None
-
-    def _notify(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    # -- used by the request coroutine --
-    async def wait_data(self, timeout: float | None) -> None:
-        """Wait until more bytes arrive or the peer closes (TimeoutError after ``timeout``)."""
-        self._wake = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._wake
-        finally:
-            self._wake = None
-
-    async def drain(self, timeout: float | None) -> None:
-        if self._can_write is not None:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._can_write)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
-class _KeepAliveTransport(httpx.AsyncBaseTransport):
-    """A lean HTTP/1.1 keep-alive transport for plain ``http://`` upstreams.
-
-    httpx's default pool scans every connection (with a readability syscall each) on every
-    request and sends headers and body as two writes; with the gateway's 14 upstream calls
-    per decision that bookkeeping dominated its CPU time. This transport keeps idle
-    connections in a LIFO list (a closed one is dropped when its ``connection_lost`` fires),
-    sends each request in one write, and reads Content-Length, chunked or read-until-close
-    bodies. Timeouts and failures surface as the usual httpx exceptions, so
-    ``AsyncClient`` semantics (and the backend's retry/error mapping) are unchanged.
-    One instance belongs to one event loop.
-    """
-
-    def __init__(self, max_connections: int, max_keepalive: int) -> None:
-        self._idle: dict[tuple[str, int], list[_Http1Connection]] = {}
-        self._slots = asyncio.Semaphore(max_connections)
-        self._max_keepalive = max_keepalive
-        self._busy: set[_Http1Connection] = set()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        if url.scheme != "http":
-            raise httpx.UnsupportedProtocol(f"{url.scheme!r} needs the default transport")
-        head = [f"{request.method} {url.raw_path.decode('ascii')} HTTP/1.1".encode("ascii")]
-        head += [k + b": " + v for k, v in request.headers.raw]
-        status, version, reason, headers, body = await self.request(
-            (url.host, url.port or 80),
-            b"\r\n".join(head) + b"\r\n\r\n" + await request.aread(),
-            request.extensions.get("timeout", {}),
-            head_only=request.method == "HEAD",
-            request=request,
-        )
-        return httpx.Response(
-            status,
-            headers=headers,
-            # stream=, not content=: httpx then applies Content-Encoding on read
-            stream=httpx.ByteStream(body),
-            extensions={"http_version": version, "reason_phrase": reason},
-            request=request,
-        )
-
-    async def request(
-        self,
-        key: tuple[str, int],
-        raw: bytes,
-        timeouts: Mapping[str, float | None],
-        *,
-        head_only: bool = False,
-        request: httpx.Request | None = None,
-    ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]], bytes]:
-        """Send one serialised request (head and body) to ``key`` = (host, port) on a pooled
-        connection; returns (status, http version, reason, headers, body). Failures raise the
-        usual httpx exceptions."""
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise httpx.PoolTimeout("no upstream connection free", request=request) from exc
-        try:
-            conn = await self._connection(key, request, timeouts.get("connect"))
-            self._busy.add(conn)
-            done = False
-            try:
-                status, version, reason, headers, body, keep = await self._exchange(
-                    conn, raw, timeouts, head_only, request
-                )
-                done = True
-            finally:
-                self._busy.discard(conn)
-                if not done:
-                    conn.close()  # cancelled or failed mid-exchange: the stream is unusable
-            if keep and not conn.closed:
-                idle = self._idle.setdefault(key, [])
-                if len(idle) < self._max_keepalive:
-                    idle.append(conn)
-                else:
-                    conn.close()
-            else:
-                conn.close()
-            return status, version, reason, headers, body
-        finally:
-            self._slots.release()
-
-    async def _connection(
-        self, key: tuple[str, int], request: httpx.Request | None, timeout: float | None
-    ) -> _Http1Connection:
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and not conn.buffer:
-                return conn
-            conn.close()
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(_Http1Connection, key[0], key[1])
-        except TimeoutError as exc:
-            raise httpx.ConnectTimeout(f"connecting to {key[0]}:{key[1]}", request=request) from exc
-        except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-        return proto
-
-    async def _exchange(
-        self,
-        conn: _Http1Connection,
-        raw: bytes,
-        timeouts: Mapping[str, float | None],
-        head_only: bool,
-        request: httpx.Request | None,
-    ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]:
-        if conn.transport is None or conn.closed:
-            raise httpx.WriteError("connection closed", request=request)
-        conn.transport.write(raw)
-        try:
-            await conn.drain(timeouts.get("write"))
-        except TimeoutError as exc:
-            raise httpx.WriteTimeout("writing the request timed out", request=request) from exc
-        read_timeout = timeouts.get("read")
-
-        async def more() -> None:
-            if conn.closed:
-                raise httpx.RemoteProtocolError(
-                    "upstream closed the connection mid-response", request=request
-                )
-            try:
-                await conn.wait_data(read_timeout)
-            except TimeoutError as exc:
-                raise httpx.ReadTimeout("reading the response timed out", request=request) from exc
-
-        buf = conn.buffer
-        while True:  # status line and headers; 1xx interim responses are skipped
-            end = buf.find(b"\r\n\r\n")
-            while end < 0:
-                await more()
-                end = buf.find(b"\r\n\r\n")
-            lines = bytes(buf[:end]).split(b"\r\n")
-            del buf[: end + 4]
-            try:
-                version, code, *reason = lines[0].split(b" ", 2)
-                status = int(code)
-                headers = [
-                    (k.strip(), v.strip()) for k, _, v in (ln.partition(b":") for ln in lines[1:])
-                ]
-            except ValueError as exc:
-                raise httpx.RemoteProtocolError("malformed response head", request=request) from exc
-            if not 100 <= status < 200:
-                break
-        fields = {k.lower(): v for k, v in headers}
-        keep = version == b"HTTP/1.1" and fields.get(b"connection", b"").lower() != b"close"
-        chunks: list[bytes] = []
-        if head_only or status in (204, 304):
-            pass
-        elif b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            while True:
-                end = buf.find(b"\r\n")
-                while end < 0:
-                    await more()
-                    end = buf.find(b"\r\n")
-                try:
-                    size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
-                except ValueError as exc:
-                    raise httpx.RemoteProtocolError(
-                        "malformed chunk size", request=request
-                    ) from exc
-                if size == 0:  # last chunk, then optional trailers and a blank line
-                    while buf.find(b"\r\n\r\n", end) < 0:
-                        await more()
-                    del buf[: buf.find(b"\r\n\r\n", end) + 4]
-                    break
-                while len(buf) < end + 2 + size + 2:
-                    await more()
-                chunks.append(bytes(buf[end + 2 : end + 2 + size]))
-                del buf[: end + 2 + size + 2]
-        elif b"content-length" in fields:
-            try:
-                length = int(fields[b"content-length"])
-            except ValueError as exc:
-                raise httpx.RemoteProtocolError(
-                    "malformed content-length", request=request
-                ) from exc
-            while len(buf) < length:
-                await more()
-            chunks.append(bytes(buf[:length]))
-            del buf[:length]
-        else:  # no framing: the body runs until the server closes
-            while not conn.closed:
-                await more()
-            chunks.append(bytes(buf))
-            buf.clear()
-            keep = False
-        return status, version, reason[0] if reason else b"", headers, b"".join(chunks), keep
-
-    async def aclose(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
-        for conn in list(self._busy):
-            conn.close()
-
-
-class _DirectPost:
-    """POST JSON through a ``_KeepAliveTransport`` without httpx's client layer.
-
-    Building an ``httpx.Request``, merging headers and cookies and wrapping the reply in an
-    ``httpx.Response`` cost more CPU than the exchange itself (profiled in the gateway: over
-    half of its event-loop time went there). For a plain-http upstream the request is fixed
-    in shape, so its head is formatted directly. Failures raise the same httpx exceptions as
-    the client path, so the backend's retry and error mapping are shared.
-    """
-
-    def __init__(
-        self,
-        transport: _KeepAliveTransport,
-        root_url: str,
-        headers: Mapping[str, str],
-        timeout: httpx.Timeout,
-    ) -> None:
-        url = httpx.URL(root_url)
-        self.transport = transport
-        self.key = (url.host, url.port or 80)
-        self.prefix = url.raw_path.decode("ascii").rstrip("/")
-        host = f"[{url.host}]" if ":" in url.host else url.host
-        if url.port is not None:
-            host += f":{url.port}"
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.head = f"Host: {host}\r\nAccept: application/json\r\n" + extra
-        self.timeouts = timeout.as_dict()
-
-    async def post(self, path: str, payload: Mapping[str, Any]) -> _Reply:
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        head = (
-            f"POST {self.prefix}{path} HTTP/1.1\r\n{self.head}"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        status, _, _, headers, content = await self.transport.request(
-            self.key, head.encode("latin-1") + body, self.timeouts
-        )
-        names = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers}
-        if names.get("content-encoding", "identity").lower() != "identity":
-            # not asked for, but some servers compress anyway: httpx knows every coding
-            resp = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content))
-            content = await resp.aread()
-        return _Reply(status, names, content)
-
-
-class _LoopState:
-    """A client and a semaphore bound to one event loop (httpx pools cannot cross loops)."""
-
-    def __init__(
-        self, client: httpx.AsyncClient, limit: int, direct: _DirectPost | None = None
-    ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.client = client
-        self.direct = direct
-        self.semaphore = asyncio.Semaphore(limit)
-        self._urls: dict[str, httpx.URL] = {}
-
-    def url(self, path: str) -> httpx.URL:
-        """The absolute URL of ``path``, parsed once: httpx would re-parse and re-merge the
-        base URL on every request (a measurable share of the per-call CPU)."""
-        url = self._urls.get(path)
-        if url is None:
-            base = self.client.base_url  # httpx keeps it with a trailing slash
-            # the same merge as httpx's: the path is appended to the base URL's path
-            url = base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode("ascii"))
-            self._urls[path] = url
-        return url
-
-    async def post(self, path: str, payload: Mapping[str, Any]) -> _Reply:
-        if self.direct is not None:
-            return await self.direct.post(path, payload)
-        resp = await self.client.post(self.url(path), json=payload)
-        return _Reply(resp.status_code, resp.headers, await resp.aread())
 
 
 class OpenAICompatBackend(Backend):
@@ -542,7 +156,7 @@ class OpenAICompatBackend(Backend):
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._transport = transport
         self._rng = random.Random(seed)
-        self._state: _LoopState | None = None
+        self._state: LoopState | None = None
         self._closed = False
         if embeddings_pooling not in ("last", "mean"):
             raise ConfigError("embeddings_pooling must be 'last' or 'mean'")
@@ -563,16 +177,16 @@ class OpenAICompatBackend(Backend):
 
     # -- transport -------------------------------------------------------------------------
 
-    def _loop_state(self) -> _LoopState:
+    def _loop_state(self) -> LoopState:
         if self._closed:
             raise BackendError("backend is closed")
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop or self._state.loop.is_closed():
             transport = self._transport
             direct = None
-            if transport is None and self.root_url.startswith("http://") and not _env_proxy():
-                transport = _KeepAliveTransport(self.max_concurrency, self.max_concurrency)
-                direct = _DirectPost(transport, self.root_url, self._headers, self._timeout)
+            if transport is None and self.root_url.startswith("http://") and not env_proxy():
+                transport = KeepAliveTransport(self.max_concurrency, self.max_concurrency)
+                direct = DirectPost(transport, self.root_url, self._headers, self._timeout)
             client = httpx.AsyncClient(
                 base_url=self.root_url,
                 headers=self._headers,
@@ -583,7 +197,7 @@ class OpenAICompatBackend(Backend):
                     max_keepalive_connections=self.max_concurrency,
                 ),
             )
-            self._state = _LoopState(client, self.max_concurrency, direct)
+            self._state = LoopState(client, self.max_concurrency, direct)
         return self._state
 
     async def _post(self, path: str, payload: Mapping[str, Any]) -> Any:
@@ -596,6 +210,9 @@ class OpenAICompatBackend(Backend):
                 async with state.semaphore:
                     self.stats.calls += 1
                     resp = await state.post(path, payload)
+            except BackendProtocolError as exc:  # e.g. a response past the transport's limits
+                self.stats.errors += 1
+                raise BackendProtocolError(f"{self.root_url}{path}: {exc}") from exc
             except httpx.TimeoutException as exc:
                 failure: BackendError = BackendTimeout(f"{self.root_url}{path} timed out")
                 cause: BaseException = exc
@@ -603,7 +220,8 @@ class OpenAICompatBackend(Backend):
                 failure = BackendError(f"cannot reach {self.root_url}{path}: {exc}")
                 cause = exc
             else:
-                if resp.status_code < 400:
+                verdict = classify_status(resp.status_code, resp.headers)
+                if verdict.kind == "ok":
                     try:
                         return resp.json()
                     except ValueError as exc:
@@ -625,20 +243,18 @@ class OpenAICompatBackend(Backend):
                         request=request,
                     ),
                 )
-                if resp.status_code == 429:
-                    failure = BackendRateLimited(msg)
-                    retry_after = parse_retry_after(resp.headers.get("retry-after"))
-                elif resp.status_code in RETRY_STATUS:
-                    failure = BackendError(msg)
-                    retry_after = parse_retry_after(resp.headers.get("retry-after"))
-                else:
+                if not verdict.retryable:
                     self.stats.errors += 1
-                    if resp.status_code in (404, 405, 501):
+                    if verdict.kind == "unsupported":
                         raise BackendUnsupported(msg) from cause
-                    if resp.status_code in (400, 413, 422):
+                    if verdict.kind == "rejected":
                         # the request itself was refused (e.g. prompt longer than the context)
                         raise ConfigError(f"request rejected by the model server: {msg}") from cause
                     raise BackendError(msg) from cause
+                failure = (
+                    BackendRateLimited(msg) if verdict.kind == "rate_limited" else BackendError(msg)
+                )
+                retry_after = verdict.retry_after
             if attempt >= self.retry.max_retries:
                 self.stats.errors += 1
                 raise failure from cause
@@ -917,12 +533,6 @@ class OpenAICompatBackend(Backend):
             # a client from another (finished) loop may refuse; its sockets are gone anyway
             with contextlib.suppress(RuntimeError):
                 await state.client.aclose()
-
-
-def _env_proxy() -> bool:
-    """True when the environment names an HTTP proxy: httpx's own transport honours it."""
-    proxies = urllib.request.getproxies()
-    return bool(proxies.get("http") or proxies.get("all"))
 
 
 # Candidates asked for when reading one token's log-probability: a few first, then as many

@@ -47,7 +47,7 @@ from typing import Literal
 import httpx
 import numpy as np
 
-from safetygame.backends.openai_compat import _KeepAliveTransport
+from safetygame.backends.transport import KeepAliveTransport, TransportKind
 
 Fault = Literal["garbage", "http500", "wrong_shape", "hang"]
 
@@ -230,6 +230,7 @@ class GatewayBenchResult:
     wall_s: float
     workers: int
     statuses: dict[str, int] = field(default_factory=dict)
+    transport: TransportKind = "hand"  # the gateway's upstream HTTP client
 
 
 def _server_timing(header: str) -> dict[str, float]:
@@ -277,7 +278,7 @@ async def _load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     # The backend's lean keep-alive transport: the load generator shares the machine with
     # the gateway, so its own CPU per request is kept small.
-    transport = _KeepAliveTransport(concurrency, concurrency)
+    transport = KeepAliveTransport(concurrency, concurrency)
     async with httpx.AsyncClient(
         base_url=url, timeout=120, limits=limits, transport=transport
     ) as client:
@@ -326,8 +327,10 @@ def run_gateway_bench(
     policy: str = "default",
     upstream_concurrency: int = 16,
     workers: int = 1,
+    transport: TransportKind = "hand",
 ) -> GatewayBenchResult:
-    """Start upstream + gateway subprocesses on loopback and measure (see module docstring)."""
+    """Start upstream + gateway subprocesses on loopback and measure (see module docstring).
+    ``transport``: the gateway's upstream HTTP client (``serve --upstream-transport``)."""
     with tempfile.TemporaryDirectory(prefix="sg-bench-") as tmp:
         tmpdir = Path(tmp)
         up_cmd = [
@@ -357,6 +360,8 @@ def run_gateway_bench(
                 str(upstream_concurrency),
                 "--workers",
                 str(workers),
+                "--upstream-transport",
+                transport,
                 "--log-level",
                 "warning",
             ]
@@ -410,6 +415,7 @@ def run_gateway_bench(
         wall_s=wall,
         workers=workers,
         statuses=statuses,
+        transport=transport,
     )
 
 

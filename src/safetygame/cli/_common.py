@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -113,25 +113,31 @@ def open_backend(
     parallel: int | None = None,
     threads: int | None = None,
     timeout: float | None = None,
+    transport: Literal["hand", "httpx"] = "hand",
 ) -> Backend:
     """The embedded llama.cpp model by default, or an OpenAI-compatible upstream.
 
     ``parallel``: requests in flight (the embedded model's llama.cpp slots; the upstream
     client's concurrency limit); ``threads``: CPU threads of the embedded model; ``timeout``:
-    seconds per upstream request. None keeps each backend's default."""
+    seconds per upstream request; ``transport``: the upstream's HTTP client, the hand-written
+    keep-alive transport (plain-http URLs) or httpx's pool (backends/transport.py). None
+    keeps each backend's default."""
     if upstream:
         from safetygame.backends.openai_compat import (
             DEFAULT_MAX_CONCURRENCY,
             DEFAULT_TIMEOUT,
             OpenAICompatBackend,
         )
+        from safetygame.backends.transport import httpx_transport
 
+        concurrency = parallel or DEFAULT_MAX_CONCURRENCY
         return OpenAICompatBackend(
             upstream,
             model=model,
             api_key=api_key,
-            max_concurrency=parallel or DEFAULT_MAX_CONCURRENCY,
+            max_concurrency=concurrency,
             timeout=timeout if timeout is not None else DEFAULT_TIMEOUT,
+            transport=httpx_transport(concurrency) if transport == "httpx" else None,
         )
     from safetygame.backends.llamacpp import (
         DEFAULT_MODEL,

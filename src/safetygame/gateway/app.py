@@ -22,12 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -43,14 +41,12 @@ from safetygame.agent import Decision, SafetyGame, Status
 from safetygame.backends.base import Backend
 from safetygame.errors import ConfigError
 from safetygame.gateway.audit import (
-    DEFAULT_AUDIT_URL,
     AuditStore,
     audit_record,
     moderation_record,
     open_store,
 )
 from safetygame.gateway.auth import bearer_token
-from safetygame.gateway.http import HttpLimits
 from safetygame.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from safetygame.gateway.moderation import moderate
 from safetygame.gateway.runtime import CURRENT_CLOCK, MeteredBackend, Tenants, UpstreamClock
@@ -65,49 +61,10 @@ from safetygame.gateway.schemas import (
     stream_events,
     validation_error_body,
 )
+from safetygame.gateway.settings import GatewaySettings
 from safetygame.policy import Policy
 
 log = logging.getLogger("safetygame.gateway")
-
-
-@dataclass(frozen=True)
-class GatewaySettings:
-    """Everything the gateway needs besides the backend. Finite defaults."""
-
-    policy: str = "default"  # policy of the default tenant / tenants that name none
-    tenants_file: Path | None = None  # tenants.yml: per-tenant policy and key hashes
-    audit_url: str = DEFAULT_AUDIT_URL
-    model_name: str = "safetygame"  # the id served by /v1/models
-    max_body_bytes: int = 1_000_000
-    max_moderation_inputs: int = 32  # texts per POST /v1/moderations (each costs model calls)
-    # Seconds from a request's arrival to its answer: body, decision and audit write. The
-    # decision fails safe (status timeout) ``audit_reserve`` before it, which leaves the
-    # audit write that long; an answer not recorded by the deadline is a 503.
-    decision_timeout: float = 120.0
-    audit_timeout: float = 5.0  # at most this share of decision_timeout (half for short ones)
-    reload_interval: float = 1.0  # seconds between checks of the policy / tenants files
-    max_decisions_page: int = 500
-    max_decisions_bytes: int = 8_000_000  # JSON bytes of one /v1/safetygame/decisions page
-    http: HttpLimits = field(default_factory=HttpLimits)  # connection limits (http.py)
-
-    def __post_init__(self) -> None:
-        if self.max_body_bytes < 1024:
-            raise ConfigError("max_body_bytes must be >= 1024")
-        if self.max_moderation_inputs < 1:
-            raise ConfigError("max_moderation_inputs must be >= 1")
-        if not 0 < self.decision_timeout < math.inf:
-            raise ConfigError("decision_timeout must be a finite number > 0")
-        if not 0 < self.audit_timeout < math.inf:
-            raise ConfigError("audit_timeout must be a finite number > 0")
-        if not self.reload_interval > 0:
-            raise ConfigError("reload_interval must be > 0")
-        if self.max_decisions_bytes < 2 * self.max_body_bytes:
-            raise ConfigError("max_decisions_bytes must be >= 2 x max_body_bytes")
-
-    @property
-    def audit_reserve(self) -> float:
-        """Seconds of ``decision_timeout`` kept for the audit write."""
-        return min(self.audit_timeout, self.decision_timeout / 2)
 
 
 class BodyTooLarge(Exception):

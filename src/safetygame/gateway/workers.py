@@ -45,7 +45,9 @@ class WorkerPool:
     """``workers`` copies of ``command + ["--fd", FD]`` sharing the listening socket ``sock``.
 
     ``command`` is a ``safetygame serve`` command line that prints its URL on the first
-    stdout line once it accepts connections (the pool waits for that line)."""
+    stdout line once it accepts connections (the pool waits for that line). ``stdin``: text
+    written to each worker's stdin (``serve --settings-stdin`` reads its settings there, so
+    secrets stay off command lines)."""
 
     def __init__(
         self,
@@ -54,6 +56,7 @@ class WorkerPool:
         workers: int,
         *,
         ready_timeout: float = 120.0,
+        stdin: str | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("--workers must be >= 1")
@@ -61,17 +64,23 @@ class WorkerPool:
         self.sock = sock
         self.workers = workers
         self.ready_timeout = ready_timeout
+        self.stdin = stdin
         self.procs: list[subprocess.Popen[str]] = []
         self._stop = threading.Event()
 
     def _spawn(self) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             self.command,
+            stdin=None if self.stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             pass_fds=(self.sock.fileno(),),
         )
         assert proc.stdout is not None
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):  # a worker that died at once: reported below
+                proc.stdin.write(self.stdin or "")
+                proc.stdin.close()
         line = _readline(proc, self.ready_timeout)
         proc.stdout.close()  # a worker prints only its ready line
         if not line.startswith("http"):
@@ -147,12 +156,14 @@ def run_workers(
     port: int,
     workers: int,
     on_ready: Callable[[str, list[int]], None],
+    *,
+    stdin: str | None = None,
 ) -> None:
     """Bind ``host:port``, start the pool, call ``on_ready(url, pids)``, supervise until
-    SIGINT/SIGTERM, stop the workers."""
+    SIGINT/SIGTERM, stop the workers. ``stdin``: written to each worker's stdin."""
     sock = listen(host, port)
     bound = sock.getsockname()
-    pool = WorkerPool(command, sock, workers)
+    pool = WorkerPool(command, sock, workers, stdin=stdin)
 
     def on_signal(signum: int, _frame: object) -> None:
         pool.request_stop()
@@ -181,6 +192,7 @@ def worker_socket(fd: int) -> socket.socket:
     return sock
 
 
-def worker_command(args: Sequence[str]) -> list[str]:
-    """The command line of one worker: ``safetygame serve`` with ``args``."""
+def worker_command(args: Sequence[str] = ("--settings-stdin",)) -> list[str]:
+    """The command line of one worker: ``safetygame serve`` with ``args`` (by default: read
+    the supervisor's validated settings from stdin)."""
     return [sys.executable, "-m", "safetygame.cli", "serve", *args]
