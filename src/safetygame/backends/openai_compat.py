@@ -1003,7 +1003,7 @@ class OpenAICompatBackend(Backend):
             probe = {"messages": [{"role": "user", "content": "ping"}]}
             try:
                 await self._post("/apply-template", probe)
-            except BackendUnsupported:
+            except (BackendUnsupported, ConfigError):  # not llama.cpp's endpoint
                 self._loglik_via = "scored"
             else:
                 self._loglik_via = "grammar"
