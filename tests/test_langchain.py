@@ -68,6 +68,18 @@ def test_the_inner_model_can_be_its_own_judge_from_its_logprobs(llama_server_url
     assert isinstance(msg.content, str) and msg.content
 
 
+def test_sync_calls_in_a_row_reuse_the_inner_model(llama_server_url: str) -> None:
+    # invoke runs each decision on a fresh event loop; the inner model must survive that
+    # (its async client is bound to its first loop, so sync callers use its sync API).
+    pol = load_policy()
+    pol = pol.model_copy(update={"sampling": pol.sampling.model_copy(update={"n": 1})})
+    judge = OpenAICompatBackend(llama_server_url, model_id="smollm2-135m")
+    chat = SafetyGameChat(inner=inner_model(llama_server_url), judge=judge, policy=pol)
+    for question in ("Name a fruit.", "Name a planet."):
+        meta = chat.invoke(question).response_metadata["safetygame"]
+        assert meta["status"] == "ok", meta["reason"]
+
+
 def test_an_unreachable_inner_model_fails_closed_with_the_refusal() -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))

@@ -21,6 +21,10 @@ take (no user message last, a message type it does not know) raises ``ConfigErro
 ``stop`` sequences are not supported (a warning says so) since they would cut candidates
 before they are scored.
 
+Synchronous calls (``invoke``) run each decision on a fresh event loop and call the inner
+model through its sync API (in threads), since LangChain's async clients stay bound to the
+loop they were first used on; asynchronous calls (``ainvoke``) use its async API.
+
 Install: ``pip install 'safetygame[langchain]'`` (langchain-core).
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +72,13 @@ from safetygame.policy import Policy, load_policy
 from safetygame.scorers import build_scorer
 
 __all__ = ["LangChainBackend", "SafetyGameChat"]
+
+# Set while a synchronous caller (``invoke``) runs the game on a fresh event loop: the inner
+# model is then called through its sync API in a thread, because its async client (httpx)
+# is bound to the loop of its first use and fails on the next ("Event loop is closed").
+_SYNC_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "safetygame_langchain_sync_caller", default=False
+)
 
 
 def to_langchain(messages: Sequence[Message]) -> list[BaseMessage]:
@@ -122,6 +134,8 @@ class LangChainBackend(Backend):
     async def _replies(self, messages: Sequence[Message], n: int) -> list[BaseMessage]:
         chat = to_langchain(messages)
         try:
+            if _SYNC_CALLER.get():
+                return list(await asyncio.to_thread(self.model.batch, [chat] * n))
             return list(await self.model.abatch([chat] * n))
         except Exception as exc:  # any provider SDK error: the game fails closed on it
             raise BackendError(f"inner chat model failed: {type(exc).__name__}: {exc}") from exc
@@ -218,8 +232,8 @@ class SafetyGameChat(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        pol = self._get_agent().policy
-        return {"inner": self.inner._llm_type, "policy_id": pol.id, "budget": self.budget}
+        policy_id = self.policy.id if self.policy is not None else "default"
+        return {"inner": self.inner._llm_type, "policy_id": policy_id, "budget": self.budget}
 
     def _get_agent(self) -> SafetyGame:
         if self._agent is None:
@@ -284,11 +298,16 @@ class SafetyGameChat(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        coro = self._agenerate(messages, stop=stop, **kwargs)
+        token = _SYNC_CALLER.set(True)
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        # called from inside a running event loop (e.g. a notebook): run on a fresh one
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, coro).result()
+            coro = self._agenerate(messages, stop=stop, **kwargs)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return asyncio.run(coro)
+            # called from inside a running event loop (e.g. a notebook): run on a fresh one
+            ctx = contextvars.copy_context()
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                return pool.submit(ctx.run, asyncio.run, coro).result()
+        finally:
+            _SYNC_CALLER.reset(token)
