@@ -34,11 +34,13 @@ Sources of the prompt formats (written out verbatim in ``tests/test_guards.py``)
 
 - Llama Guard 3: the ``chat_template`` of meta-llama/Llama-Guard-3-8B's tokenizer config, as
   stored for ``library/llama-guard3:8b`` in huggingface/huggingface.js
-  ``packages/ollama-utils/src/chat-template-automap.ts``; the same task, category and
-  instruction text is ``PROMPT_TASK`` / ``PROMPT_CONVERSATION`` / ``PROMPT_INSTRUCTIONS_2``
-  in meta-llama/llama-recipes ``src/llama_recipes/inference/prompt_format_utils.py``. Reading:
-  meta-llama/PurpleLlama ``Llama-Guard3/8B/MODEL_CARD.md`` ("we look at the probability for
-  the first token, and use that as the 'unsafe' class probability").
+  ``packages/ollama-utils/src/chat-template-automap.ts`` (that copy has a stray space before
+  ``<|begin_of_text|>``; BOS is not sent, see below, so it changes nothing); the same task,
+  category and instruction text is ``PROMPT_TASK`` / ``PROMPT_CONVERSATION`` /
+  ``PROMPT_INSTRUCTIONS_2`` in meta-llama/llama-recipes
+  ``src/llama_recipes/inference/prompt_format_utils.py``. Reading: meta-llama/PurpleLlama
+  ``Llama-Guard3/8B/MODEL_CARD.md`` ("we look at the probability for the first token, and
+  use that as the 'unsafe' class probability").
 - ShieldGemma: the response-classification ``chat_template`` of google/shieldgemma-2b's
   tokenizer config (``guideline`` argument; its text, including the double space in "must
   start", as ``apply_chat_template`` renders it); the four guideline texts and the reading
