@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
 from safetygame.errors import ConfigError
+from safetygame.guards import GUARD_DESIGNS
 from safetygame.policy import load_policy
 from safetygame.probes import Score
 from safetygame.scorers import (
@@ -210,6 +211,11 @@ def test_build_scorer_registry() -> None:
     backend = FixedYesNoBackend({})
     for name in DESIGNS:
         if name == "embed":  # loads MiniLM (the embed extra); covered by the model test
+            continue
+        if name in GUARD_DESIGNS:  # guard models serve the harm probe only (test_guards.py)
+            assert build_scorer(name, backend, pol, None, kind="harm").name
+            with pytest.raises(ConfigError, match="harm only"):
+                build_scorer(name, backend, pol, None, kind="helpfulness")
             continue
         if name in ("head", "head-bt"):  # shipped heads are bound to their judge model
             with pytest.raises(ConfigError, match="fixed-test-double"):

@@ -42,6 +42,7 @@ from safetygame.features import (
     MiniLMReader,
     embed_features,
 )
+from safetygame.guards import GUARD_DESIGNS
 from safetygame.heads import Head, LogisticModel, fit_logistic, load_head
 from safetygame.policy import Policy
 from safetygame.probes import (
@@ -739,6 +740,7 @@ DESIGNS["embed"] = _embed
 DESIGNS["head"] = _head_design("logistic")
 DESIGNS["head-bt"] = _head_design("bradley_terry")
 DESIGNS["pairwise-refusal"] = _pairwise_refusal
+DESIGNS.update(GUARD_DESIGNS)  # guard models: llama-guard-3, shieldgemma, granite-guardian, ...
 
 
 def build_scorer(

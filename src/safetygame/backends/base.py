@@ -9,6 +9,9 @@ A backend has three abilities, all async, and a fourth that some backends have:
 - ``hidden(messages)``: the model's final hidden states over the chat (as it would read it
   before replying), pooled: the features learned scorers are fitted on. Backends without it
   raise :class:`~safetygame.errors.BackendUnsupported`.
+- ``complete_logprobs(prompt, max_tokens, top_logprobs)``: a greedy completion of a prompt the
+  caller rendered itself (no chat template), with the top log-probabilities at each generated
+  position: what guard models (``safetygame.guards``) are read with. Optional like ``hidden``.
 
 Everything above this module (probes, agent, gateway, benchmarks) talks to models only
 through it.
@@ -171,6 +174,16 @@ def yes_no_from_top_logprobs(top: Mapping[str, float]) -> tuple[float, float] | 
     return p_yes / mass, mass
 
 
+@dataclass(frozen=True)
+class TokenChoice:
+    """One generated position of a greedy completion: the token taken, its log-probability
+    and the top alternatives (token text -> log-probability; the taken token included)."""
+
+    token: str
+    logprob: float
+    top: Mapping[str, float]
+
+
 @dataclass
 class BackendStats:
     """Usage counters of a backend, as its server reports them."""
@@ -218,6 +231,16 @@ class Backend(ABC):
         raise BackendUnsupported(
             f"backend {self.model_id!r} gives no hidden states (embeddings); use the embedded "
             "llama.cpp backend or an OpenAI-compatible server with /v1/embeddings"
+        )
+
+    async def complete_logprobs(
+        self, prompt: str, max_tokens: int = 1, top_logprobs: int = 20
+    ) -> list[TokenChoice]:
+        """Greedy raw completion of ``prompt`` (sent as is, no chat template), one
+        :class:`TokenChoice` per generated position."""
+        raise BackendUnsupported(
+            f"backend {self.model_id!r} gives no raw completions with log-probabilities; use an "
+            "OpenAI-compatible server (/v1/completions with logprobs, or llama.cpp /completion)"
         )
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook

@@ -15,7 +15,15 @@
   be forced (llama.cpp: "Unexpected empty grammar stack") and gets no entry in
   ``completion_probabilities``; its log-probability is read from the top candidates at its
   position instead (1,000 first, the whole vocabulary if it is not among them: ~12 s and
-  14 MB for Qwen2.5's 151,936 tokens). Other servers raise BackendUnsupported.
+  14 MB for Qwen2.5's 151,936 tokens). On other servers (vLLM) the chat is rendered as token
+  ids by the server (``/tokenize`` with ``messages``), the continuation's ids appended, and
+  ``/v1/completions`` asked for the prompt tokens' log-probabilities: vLLM's
+  ``prompt_logprobs``, else OpenAI's ``echo`` with ``logprobs``. Which path an upstream takes
+  is detected on first use and cached; a server with none raises BackendUnsupported naming
+  the missing features.
+- ``complete_logprobs``: a greedy raw completion of a caller-rendered prompt with the top
+  log-probabilities per position (``/v1/completions`` with ``logprobs``, else llama.cpp's
+  ``/completion`` with ``n_probs``), for guard models; detected and cached the same way.
 - ``hidden``: the chat rendered by the server's own chat template (llama.cpp's
   ``/apply-template``; a plain ``role: content`` rendering where the server has none), sent to
   ``/v1/embeddings`` of ``embeddings_url`` (default: this server). The server decides the
@@ -51,6 +59,7 @@ from safetygame.backends.base import (
     Message,
     Pooling,
     SamplingConfig,
+    TokenChoice,
     YesNo,
     yes_no_from_top_logprobs,
 )
@@ -362,6 +371,8 @@ class OpenAICompatBackend(Backend):
             raise ConfigError("continuation must not be empty")
         if not messages:
             raise ConfigError("messages must not be empty")
+        if await self._loglik_route() != "grammar":
+            return await self._loglik_scored(messages, continuation)
         try:
             templated, tokenized = await asyncio.gather(
                 self._post("/apply-template", {"messages": [m.to_dict() for m in messages]}),
@@ -519,6 +530,194 @@ class OpenAICompatBackend(Backend):
         self.stats.prompt_tokens += arr.shape[0]
         return arr
 
+    # -- raw completions and scored prompts (guard models; loglik beyond llama.cpp) --------
+
+    #: How this upstream serves a raw completion with top log-probabilities: "v1" (OpenAI
+    #: /v1/completions with ``logprobs``), "llamacpp" (/completion with ``n_probs``) or "none".
+    #: Detected on first use and kept for the backend's life (one backend = one upstream).
+    _raw_via: str | None = None
+    #: How this upstream scores given tokens for ``loglik``: "grammar" (llama.cpp's token
+    #: grammar, the original path), "prompt_logprobs" (vLLM) or "echo" (OpenAI completions
+    #: ``echo`` + ``logprobs``); "scored" until the first scoring request tells which of the
+    #: last two; "none" when it has neither. Detected on first use, then cached.
+    _loglik_via: str | None = None
+
+    async def complete_logprobs(
+        self, prompt: str, max_tokens: int = 1, top_logprobs: int = TOP_LOGPROBS
+    ) -> list[TokenChoice]:
+        """Greedy raw completion of a prompt the caller rendered (no chat template applied),
+        with the top log-probabilities at each generated position.
+
+        Tries OpenAI's ``/v1/completions`` with ``logprobs`` (vLLM: the legacy ``tokens`` /
+        ``top_logprobs`` shape; llama.cpp: the ``content`` shape), then llama.cpp's native
+        ``/completion`` with ``n_probs``; what worked is remembered. A server with neither
+        raises BackendUnsupported naming both.
+        """
+        if not prompt:
+            raise ConfigError("prompt must not be empty")
+        if max_tokens < 1 or top_logprobs < 1:
+            raise ConfigError("max_tokens and top_logprobs must be >= 1")
+        if self._raw_via in (None, "v1"):
+            payload: dict[str, Any] = {
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "logprobs": top_logprobs,
+            }
+            if self.model is not None:
+                payload["model"] = self.model
+            try:
+                body = await self._post("/v1/completions", payload)
+            except BackendUnsupported:
+                if self._raw_via == "v1":
+                    raise
+            else:
+                self._count_usage(body)
+                positions = _completion_positions(body)
+                if positions is not None:
+                    self._raw_via = "v1"
+                    return positions
+                if self._raw_via == "v1":
+                    raise BackendProtocolError("/v1/completions returned no log-probabilities")
+        if self._raw_via in (None, "llamacpp"):
+            native = {
+                "prompt": prompt,
+                "n_predict": max_tokens,
+                "n_probs": top_logprobs,
+                "temperature": 0,
+                "cache_prompt": True,
+            }
+            try:
+                body = await self._post("/completion", native)
+            except BackendUnsupported:
+                if self._raw_via == "llamacpp":
+                    raise
+            else:
+                positions = _native_positions(body)
+                if positions is not None:
+                    self._raw_via = "llamacpp"
+                    self._count_completion(body, len(positions))
+                    return positions
+                if self._raw_via == "llamacpp":
+                    raise BackendProtocolError("/completion returned no token probabilities")
+        self._raw_via = "none"
+        raise BackendUnsupported(
+            f"{self.root_url} gives no raw completion with top log-probabilities: it serves "
+            "neither /v1/completions with `logprobs` nor llama.cpp's /completion with `n_probs`"
+        )
+
+    def _count_usage(self, body: Any) -> None:
+        self.stats.prompt_tokens += _count(body, "usage", "prompt_tokens")
+        self.stats.cached_prompt_tokens += _count(
+            body, "usage", "prompt_tokens_details", "cached_tokens"
+        )
+        self.stats.completion_tokens += _count(body, "usage", "completion_tokens")
+
+    async def _loglik_route(self) -> str:
+        """ "grammar" on a llama.cpp server (it renders chats: /apply-template), else
+        "scored" (or what an earlier scoring request found). Probed once, then cached."""
+        if self._loglik_via is None:
+            probe = {"messages": [{"role": "user", "content": "ping"}]}
+            try:
+                await self._post("/apply-template", probe)
+            except (BackendUnsupported, ConfigError):  # not llama.cpp's endpoint
+                self._loglik_via = "scored"
+            else:
+                self._loglik_via = "grammar"
+        return self._loglik_via
+
+    async def _loglik_scored(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        """log P(continuation | chat) on a server that scores prompt tokens (vLLM).
+
+        The chat is rendered into token ids by the server's own template (vLLM's ``/tokenize``
+        with ``messages``; a last assistant message is continued, not closed), the
+        continuation tokenised alone, and the concatenation sent to ``/v1/completions``,
+        which reports each prompt token's log-probability: vLLM's ``prompt_logprobs``
+        extension first, else OpenAI's ``echo`` with ``logprobs``.
+        """
+        missing = (
+            "loglik needs llama.cpp's token grammar (/apply-template), or a server that "
+            "renders chats as token ids (vLLM /tokenize) and reports prompt log-probabilities "
+            "(`prompt_logprobs` or `echo` with `logprobs` on /v1/completions)"
+        )
+        if self._loglik_via == "none":
+            raise BackendUnsupported(f"{missing}; {self.root_url} has neither")
+        prefill = messages[-1].role == "assistant"
+        chat: dict[str, Any] = {
+            "messages": [m.to_dict() for m in messages],
+            "add_generation_prompt": not prefill,
+            "continue_final_message": prefill,
+        }
+        text: dict[str, Any] = {"prompt": continuation, "add_special_tokens": False}
+        if self.model is not None:
+            chat["model"] = text["model"] = self.model
+        try:
+            head_body, cont_body = await asyncio.gather(
+                self._post("/tokenize", chat), self._post("/tokenize", text)
+            )
+        except (BackendUnsupported, ConfigError) as exc:
+            raise BackendUnsupported(f"{missing}: {exc}") from exc
+        head, cont = _token_ids(head_body), _token_ids(cont_body)
+        ids = head + cont
+        modes = (
+            [self._loglik_via]
+            if self._loglik_via in ("prompt_logprobs", "echo")
+            else ["prompt_logprobs", "echo"]
+        )
+        refused: list[str] = []
+        for mode in modes:
+            try:
+                lps = await self._prompt_logprobs(ids, mode)
+            except ConfigError as exc:  # a server that validates strictly refuses the field
+                refused.append(f"{mode}: {exc}")
+                continue
+            if lps is None:
+                continue
+            self._loglik_via = mode
+            return LogLik(logprob=sum(lps[len(head) :]), n_tokens=len(cont))
+        if not refused:
+            self._loglik_via = "none"
+        detail = f" ({'; '.join(refused)})" if refused else ""
+        raise BackendUnsupported(
+            f"{missing}; {self.root_url} answered without prompt log-probabilities to either "
+            f"`prompt_logprobs` or `echo`{detail}"
+        )
+
+    async def _prompt_logprobs(self, ids: list[int], mode: str) -> list[float] | None:
+        """log P(ids[i] | ids[:i]) for i >= 1 (index 0 holds 0.0), or None when the answer
+        carries no prompt log-probabilities (the server lacks ``mode``)."""
+        payload: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "temperature": 0}
+        if mode == "prompt_logprobs":
+            payload["prompt_logprobs"] = 1
+        else:
+            payload["echo"] = True
+            payload["logprobs"] = 1
+        if self.model is not None:
+            payload["model"] = self.model
+        body = await self._post("/v1/completions", payload)
+        self._count_usage(body)
+        choice = _get(body, "choices", 0)
+        if not isinstance(choice, dict):
+            raise BackendProtocolError("/v1/completions returned a malformed choice")
+        out = [0.0]
+        if mode == "prompt_logprobs":
+            entries = choice.get("prompt_logprobs")
+            if not isinstance(entries, list) or len(entries) != len(ids):
+                return None
+            for i in range(1, len(ids)):
+                entry = entries[i]
+                hit = entry.get(str(ids[i])) if isinstance(entry, dict) else None
+                lp = hit.get("logprob") if isinstance(hit, dict) else None
+                out.append(_checked_logprob(lp, f"prompt token {i} (id {ids[i]})"))
+            return out
+        logprobs = choice.get("logprobs")
+        values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+        if not isinstance(values, list) or len(values) < len(ids):
+            return None  # no echo: only the generated token was scored
+        for i in range(1, len(ids)):
+            out.append(_checked_logprob(values[i], f"echoed prompt token {i}"))
+        return out
+
     def _count_completion(self, body: Any, n_tokens: int) -> None:
         self.stats.prompt_tokens += _count(body, "tokens_evaluated")
         self.stats.cached_prompt_tokens += _count(body, "timings", "cache_n")
@@ -591,3 +790,124 @@ def _top_logprobs(body: Mapping[str, Any]) -> dict[str, float] | None:
         # two ids with the same text (rare): pool their probabilities
         table[token] = _logaddexp(table[token], float(lp)) if token in table else float(lp)
     return table or None
+
+
+def _checked_logprob(lp: Any, what: str) -> float:
+    """A log-probability from an upstream: a number, not NaN, not above 0."""
+    if isinstance(lp, bool) or not isinstance(lp, int | float) or math.isnan(lp) or lp > 1e-6:
+        raise BackendProtocolError(f"the upstream gave no valid log-probability for the {what}")
+    return float(lp)
+
+
+def _token_ids(body: Any) -> list[int]:
+    """The ``tokens`` of a /tokenize answer as plain ids (vLLM: ints; llama.cpp: ints or
+    {id, piece} objects)."""
+    tokens = _get(body, "tokens")
+    raw = (
+        [t.get("id") if isinstance(t, dict) else t for t in tokens]
+        if isinstance(tokens, list)
+        else []
+    )
+    if not raw or not all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
+        raise BackendProtocolError("/tokenize returned no token ids")
+    return cast(list[int], raw)
+
+
+def _top_table(entries: Sequence[tuple[Any, Any]], what: str) -> dict[str, float]:
+    """token -> logprob from (token, logprob) pairs; two ids with one text are pooled."""
+    table: dict[str, float] = {}
+    for token, lp in entries:
+        if not isinstance(token, str):
+            continue
+        value = _checked_logprob(lp, what)
+        table[token] = _logaddexp(table[token], value) if token in table else value
+    return table
+
+
+def _completion_positions(body: Any) -> list[TokenChoice] | None:
+    """The generated positions of a /v1/completions answer, or None without logprobs.
+
+    Two shapes: OpenAI's legacy ``logprobs`` = {tokens, token_logprobs, top_logprobs: [
+    {token: logprob}]} (vLLM ``CompletionLogProbs``), and the chat-style ``logprobs.content``
+    = [{token, logprob, top_logprobs: [{token, logprob}]}] that llama.cpp sends.
+    """
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(logprobs, dict):
+        return None
+    out: list[TokenChoice] = []
+    content = logprobs.get("content")
+    if isinstance(content, list) and content:
+        for k, e in enumerate(content):
+            if not isinstance(e, dict) or not isinstance(e.get("token"), str):
+                raise BackendProtocolError(f"logprobs.content[{k}] is not a token entry")
+            what = f"generated token {k}"
+            lp = _checked_logprob(e.get("logprob"), what)
+            alts = e.get("top_logprobs") or []
+            top = _top_table(
+                [(a.get("token"), a.get("logprob")) for a in alts if isinstance(a, dict)], what
+            )
+            top.setdefault(e["token"], lp)
+            out.append(TokenChoice(e["token"], lp, top))
+        return out
+    tokens, values, tops = (
+        logprobs.get("tokens"),
+        logprobs.get("token_logprobs"),
+        logprobs.get("top_logprobs"),
+    )
+    if not (isinstance(tokens, list) and tokens and isinstance(values, list)):
+        return None
+    if len(values) != len(tokens) or (isinstance(tops, list) and len(tops) != len(tokens)):
+        raise BackendProtocolError("/v1/completions logprobs lists differ in length")
+    for k, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise BackendProtocolError(f"logprobs.tokens[{k}] is not a string")
+        what = f"generated token {k}"
+        lp = _checked_logprob(values[k], what)
+        alts = tops[k] if isinstance(tops, list) and isinstance(tops[k], dict) else {}
+        top = _top_table(list(alts.items()), what)
+        top.setdefault(token, lp)
+        out.append(TokenChoice(token, lp, top))
+    return out
+
+
+def _native_positions(body: Any) -> list[TokenChoice] | None:
+    """The positions of a llama.cpp /completion answer with ``n_probs`` (current shape:
+    {token, logprob, top_logprobs}; older servers: {content, probs: [{tok_str, prob}]})."""
+    probs = body.get("completion_probabilities") if isinstance(body, dict) else None
+    if not isinstance(probs, list) or not probs:
+        return None
+    out: list[TokenChoice] = []
+    for k, e in enumerate(probs):
+        if not isinstance(e, dict):
+            raise BackendProtocolError(f"completion_probabilities[{k}] is not an object")
+        what = f"generated token {k}"
+        alts: list[tuple[Any, Any]]
+        if "top_logprobs" in e:
+            token = e.get("token")
+            lp = _checked_logprob(e.get("logprob"), what)
+            alts = [
+                (a.get("token"), a.get("logprob"))
+                for a in e["top_logprobs"] or []
+                if isinstance(a, dict)
+            ]
+        else:  # probabilities, not log-probabilities
+            token = e.get("content")
+            pairs = [
+                (a.get("tok_str"), a.get("prob"))
+                for a in e.get("probs") or []
+                if isinstance(a, dict)
+            ]
+            alts = [
+                (t, math.log(p) if isinstance(p, int | float) and p > 0 else float("-inf"))
+                for t, p in pairs
+            ]
+            lp = next((float(v) for t, v in alts if t == token), float("-inf"))
+        if not isinstance(token, str):
+            raise BackendProtocolError(f"completion_probabilities[{k}] names no token")
+        top = _top_table(alts, what)
+        top.setdefault(token, lp)
+        out.append(TokenChoice(token, lp, top))
+    return out
