@@ -28,10 +28,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -65,6 +65,7 @@ from safetygame.gateway.settings import GatewaySettings
 from safetygame.policy import Policy
 
 log = logging.getLogger("safetygame.gateway")
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 class BodyTooLarge(Exception):
@@ -215,6 +216,25 @@ class Gateway:
         self.metrics.requests.inc(tenant=tenant, code=str(response.status_code))
         return response
 
+    async def _request(
+        self, request: Request, deadline: float, schema: type[RequestT]
+    ) -> RequestT | Response:
+        """The request body validated against ``schema``, or the 4xx Response to send."""
+        payload = await self._payload(request, deadline)
+        if isinstance(payload, Response):
+            return payload
+        try:
+            return schema.model_validate(payload)
+        except ValidationError as exc:
+            return JSONResponse(validation_error_body(exc), status_code=400)
+        except RecursionError:
+            return _error(
+                400,
+                "Request body is nested too deeply.",
+                "invalid_request_error",
+                code="invalid_json",
+            )
+
     async def _payload(self, request: Request, deadline: float) -> Any:
         """The request's JSON value, or the error Response to send instead."""
         reserve = self.settings.audit_reserve
@@ -298,20 +318,9 @@ class Gateway:
     async def _chat(self, request: Request, tenant: str, request_id: str, t0: float) -> Response:
         deadline = t0 + self.settings.decision_timeout
         reserve = self.settings.audit_reserve
-        payload = await self._payload(request, deadline)
-        if isinstance(payload, Response):
-            return payload
-        try:
-            req = ChatRequest.model_validate(payload)
-        except ValidationError as exc:
-            return JSONResponse(validation_error_body(exc), status_code=400)
-        except RecursionError:
-            return _error(
-                400,
-                "Request body is nested too deeply.",
-                "invalid_request_error",
-                code="invalid_json",
-            )
+        req = await self._request(request, deadline, ChatRequest)
+        if isinstance(req, Response):
+            return req
         if req.model != self.settings.model_name:
             return self._unknown_model(req.model)
 
@@ -400,20 +409,9 @@ class Gateway:
     ) -> Response:
         deadline = t0 + self.settings.decision_timeout
         reserve = self.settings.audit_reserve
-        payload = await self._payload(request, deadline)
-        if isinstance(payload, Response):
-            return payload
-        try:
-            req = ModerationRequest.model_validate(payload)
-        except ValidationError as exc:
-            return JSONResponse(validation_error_body(exc), status_code=400)
-        except RecursionError:
-            return _error(
-                400,
-                "Request body is nested too deeply.",
-                "invalid_request_error",
-                code="invalid_json",
-            )
+        req = await self._request(request, deadline, ModerationRequest)
+        if isinstance(req, Response):
+            return req
         if req.model is not None and req.model != self.settings.model_name:
             return self._unknown_model(req.model)
         if len(req.input) > self.settings.max_moderation_inputs:
