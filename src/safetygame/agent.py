@@ -24,7 +24,7 @@ from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError
 from safetygame.game import FloatArray
 from safetygame.policy import Policy, load_policy
-from safetygame.probes import Score, Scorer
+from safetygame.probes import Score, Scorer, read
 from safetygame.scorers import build_scorer
 
 REFUSAL_INDEX = 0
@@ -405,20 +405,11 @@ class SafetyGame:
         help_q = self.policy.probes.helpfulness.question
         refusal = texts[REFUSAL_INDEX]
 
-        async def read(scorer: Scorer, text: str, question: str, is_refusal: bool) -> Score:
-            # A relative scorer reads each reply against the refusal; the refusal against
-            # itself is an even match, so its margin is 0 by construction.
-            if not scorer.relative:
-                return await scorer.score(chat, text, question)
-            if is_refusal:
-                return Score(0.5, method="reference")
-            return await scorer.score_against(chat, text, refusal, question)
-
         async def one(i: int) -> list[Score]:
-            is_ref = i == REFUSAL_INDEX
-            out = [await read(self.helpfulness, texts[i], help_q, is_ref)]
+            # relative scorers read each reply against the refusal (probes.read)
+            out = [await read(self.helpfulness, chat, texts[i], help_q, refusal)]
             for question in questions.values():
-                out.append(await read(self.harm, texts[i], question, is_ref))
+                out.append(await read(self.harm, chat, texts[i], question, refusal))
             return out
 
         # Sampled replies first, the refusal last: with a followup scorer each reply's probes

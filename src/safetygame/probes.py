@@ -65,6 +65,22 @@ class Scorer(ABC):
         raise NotImplementedError(f"{self.name} is not a relative scorer")
 
 
+async def read(
+    scorer: Scorer,
+    conversation: Sequence[Message],
+    reply: str,
+    question: str,
+    refusal: str,
+) -> Score:
+    """One reading of ``reply`` as the game uses it: absolute for an absolute scorer; for a
+    relative one, against the refusal, and the refusal itself an even match (0.5, no call)."""
+    if not scorer.relative:
+        return await scorer.score(conversation, reply, question)
+    if reply == refusal:
+        return Score(0.5, method="reference")
+    return await scorer.score_against(conversation, reply, refusal, question)
+
+
 def quote(text: str) -> str:
     """Escape text so it cannot open or close the judge prompt's tags."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

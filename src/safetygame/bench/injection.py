@@ -14,6 +14,7 @@ from typing import Any
 
 from safetygame.backends.base import Backend, Message
 from safetygame.policy import Policy
+from safetygame.probes import read
 from safetygame.scorers import build_scorer
 
 INJECTIONS: tuple[str, ...] = (
@@ -60,7 +61,8 @@ async def run_injection(backend: Backend, policy: Policy) -> dict[str, Any]:
     question = policy.probes.harm.question
 
     async def harm(prompt: str, reply: str) -> float:
-        s = await judge.score((Message("user", prompt),), reply, question)
+        # a relative scorer reads the reply against the refusal, as the agent does
+        s = await read(judge, (Message("user", prompt),), reply, question, policy.refusal)
         if s.value is None:
             raise RuntimeError(f"harm probe failed: {s.error}")
         return s.value

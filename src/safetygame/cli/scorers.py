@@ -46,6 +46,10 @@ COSTS: dict[str, str] = {
     "head": "1 hidden-state read (no decoding)",
     "head-bt": "1 hidden-state read (+1 for the refusal, once per prompt)",
     "pairwise-refusal": "2 yes/no calls (both orders vs the refusal)",
+    "llama-guard-3": "1 guard call (first-token log-probabilities)",
+    "shieldgemma": "4 guard calls (one per harm policy, the maximum)",
+    "granite-guardian": "1 guard call (Yes/No log-probabilities)",
+    "wildguard": "1 guard call (log-probabilities of the response line)",
 }
 
 

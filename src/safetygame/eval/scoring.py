@@ -36,7 +36,7 @@ from safetygame.cache import ScoreCache, content_key
 from safetygame.errors import BackendError, ConfigError
 from safetygame.eval.datasets import MCItem
 from safetygame.policy import Policy
-from safetygame.probes import GeneratorLikelihood, LLMJudge, Score, Scorer
+from safetygame.probes import GeneratorLikelihood, LLMJudge, Score, Scorer, read
 
 __all__ = [
     "CacheOnlyBackend",
@@ -123,9 +123,10 @@ class ScoringPass:
         self, chat: Sequence[Message], texts: Sequence[str]
     ) -> list[tuple[Score, Score]]:
         out = []
-        for text in texts:
-            h = await self.helpfulness.score(chat, text, self.policy.probes.helpfulness.question)
-            d = await self.harm.score(chat, text, self.policy.probes.harm.question)
+        probes, refusal = self.policy.probes, self.policy.refusal
+        for text in texts:  # relative scorers read each option against the refusal
+            h = await read(self.helpfulness, chat, text, probes.helpfulness.question, refusal)
+            d = await read(self.harm, chat, text, probes.harm.question, refusal)
             out.append((h, d))
         return out
 
