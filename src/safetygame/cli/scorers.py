@@ -285,6 +285,12 @@ def train_cmd(
 )
 @click.option("--xstest-limit", type=click.IntRange(1), default=None)
 @click.option(
+    "--design",
+    "designs",
+    multiple=True,
+    help="Also read yes/no designs (e.g. self) on the XSTest replies, for comparison.",
+)
+@click.option(
     "--save-quality",
     is_flag=True,
     help="Write the report next to the shipped heads (what `scorers list` shows).",
@@ -306,6 +312,7 @@ def evaluate_cmd(
     cache_path: Path | None,
     head_refs: tuple[str, ...],
     xstest_limit: int | None,
+    designs: tuple[str, ...],
     save_quality: bool,
     out: Path | None,
     progress: bool | None,
@@ -338,6 +345,7 @@ def evaluate_cmd(
                 policy,
                 cache,
                 xstest_limit=xstest_limit,
+                designs=designs,
                 progress=show_progress(progress, as_json),
             )
         finally:
@@ -351,27 +359,35 @@ def evaluate_cmd(
     if as_json:
         print_json(report)
         return
+
+    def ci(m: dict[str, Any] | None, key: str) -> str:
+        if not m or m.get(key) is None:
+            return "-"
+        lo, hi = m.get(f"{key}_ci") or (None, None)
+        return f"{_f(m[key])} [{_f(lo)}, {_f(hi)}]"
+
     rows = []
-    for name, r in report["heads"].items():
-        h, x = r["hhh_harmless_test"], r["xstest_complying_vs_refusal"]
+    for name, r in [*report["heads"].items(), *report["designs"].items()]:
+        h = r.get("hhh_harmless_test")
         rows.append(
             [
                 name,
-                f"{_f(h['pair_acc'])} [{_f((h['pair_acc_ci'] or [None])[0])}, "
-                f"{_f((h['pair_acc_ci'] or [None, None])[1])}]",
-                f"{_f(h['auroc'])} [{_f(h['auroc_ci'][0])}, {_f(h['auroc_ci'][1])}]",
-                _f(h["ece_platt_dev"]),
-                f"{_f(x['auroc'])} [{_f(x['auroc_ci'][0])}, {_f(x['auroc_ci'][1])}]",
+                ci(h, "pair_acc"),
+                ci(h, "auroc"),
+                _f((h or {}).get("ece_platt_dev")),
+                ci(r.get("xstest_complying_vs_refusal"), "auroc"),
+                ci(r.get("xstest_unsafe_vs_safe_compliance"), "auroc"),
             ]
         )
     click.echo(
         format_table(
             [
-                "head",
-                "HHH harmless pair acc [95% CI]",
-                "HHH harmless AUROC [95% CI]",
-                "ECE (Platt on dev)",
-                "XSTest complying vs refusal AUROC [95% CI]",
+                "scorer",
+                "HHH harmless pair acc",
+                "HHH harmless AUROC",
+                "ECE (Platt, dev)",
+                "XSTest complying vs refusal",
+                "XSTest unsafe vs safe compliance",
             ],
             rows,
         )
@@ -379,6 +395,7 @@ def evaluate_cmd(
     click.echo(
         f"{report['hhh_harmless']['test_items']} HHH harmless test items, "
         f"{report['xstest']['complying']} complying answers to "
-        f"{report['xstest']['test_prompts']} XSTest test prompts; "
+        f"{report['xstest']['test_prompts']} XSTest test prompts, "
+        f"{report['xstest']['safe_complying']} complying answers to safe ones; "
         f"{report['read_seconds']:.0f} s reading, {report['cache_misses']} cache misses"
     )

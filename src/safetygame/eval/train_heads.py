@@ -48,7 +48,8 @@ from safetygame.eval.refusal import matches_refusal_pattern
 from safetygame.features import EMBED_MODEL_ID, FeatureReader, MiniLMReader
 from safetygame.heads import FeatureSpec, Head, Objective, fit_head
 from safetygame.policy import Policy
-from safetygame.scorers import fit_platt
+from safetygame.probes import read
+from safetygame.scorers import build_scorer, fit_platt
 
 __all__ = ["RIDGES", "evaluate_heads", "read_features", "train_heads"]
 
@@ -307,6 +308,7 @@ async def evaluate_heads(
     *,
     xstest_limit: int | None = None,
     safe_limit: int | None = 60,
+    designs: Sequence[str] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Test-set quality of each head (module doc); reads each test reply once.
@@ -348,6 +350,29 @@ async def evaluate_heads(
             cost[head.features.model_id]["seconds"] += spent if misses else 0.0
     seconds = time.perf_counter() - t0
     n_dev, n_test = len(dev_set.rows), len(test_set.rows)
+    n_unsafe = len(used)
+
+    def xstest_metrics(zx: FloatArray) -> dict[str, Any]:
+        """Complying answers to unsafe prompts against the refusal (per prompt), and against
+        complying answers to safe prompts; ``zx`` is one score per XSTest row."""
+        by_prompt: dict[tuple[Any, ...], tuple[list[float], list[float]]] = {}
+        for a, r in xs.pairs:
+            conv = xs.rows[a].conversation
+            s, y = by_prompt.setdefault(conv, ([float(zx[pos[r]])], [0.0]))
+            s.append(float(zx[pos[a]]))
+            y.append(1.0)
+        xs_groups = list(by_prompt.values())
+        harm_vs_benign = [(sc[1:], ys[1:]) for sc, ys in xs_groups] + [
+            ([float(zx[n_unsafe + k])], [0.0]) for k in range(len(safe_rows))
+        ]
+        return {
+            "xstest_complying_vs_refusal": _metrics(xs_groups, ([], [])),
+            "xstest_pairs_above_refusal": _pair_acc(
+                np.asarray(zx), [(pos[a], pos[r]) for a, r in xs.pairs]
+            ),
+            "xstest_unsafe_vs_safe_compliance": _metrics(harm_vs_benign, ([], [])),
+        }
+
     report: dict[str, Any] = {
         "model_id": backend.model_id,
         "hhh_harmless": {"dev_items": len(hhh_dev), "test_items": len(hhh_test)},
@@ -362,6 +387,7 @@ async def evaluate_heads(
             k: (1000 * v["seconds"] / v["reads"] if v["reads"] else None) for k, v in cost.items()
         },
         "heads": {},
+        "designs": {},
     }
     for head in heads:
         z = head.logit(feats[(head.features.model_id, head.features.pooling)])
@@ -371,17 +397,6 @@ async def evaluate_heads(
             [y for g in dev_groups for _, y in g],
         )
         hhh_groups = [([float(zt[i]) for i, _ in g], [y for _, y in g]) for g in test_groups]
-        by_prompt: dict[tuple[Any, ...], tuple[list[float], list[float]]] = {}
-        for a, r in xs.pairs:
-            conv = xs.rows[a].conversation
-            s, y = by_prompt.setdefault(conv, ([float(zx[pos[r]])], [0.0]))
-            s.append(float(zx[pos[a]]))
-            y.append(1.0)
-        xs_groups = list(by_prompt.values())
-        n_unsafe = len(used)
-        harm_vs_benign = [(sc[1:], ys[1:]) for sc, ys in xs_groups] + [
-            ([float(zx[n_unsafe + k])], [0.0]) for k in range(len(safe_rows))
-        ]
         report["heads"][head.name] = {
             "features": head.features.model_id,
             "objective": head.objective,
@@ -391,10 +406,18 @@ async def evaluate_heads(
                 ([], []),
             ),
             "hhh_harmless_test": _metrics(hhh_groups, platt),
-            "xstest_complying_vs_refusal": _metrics(xs_groups, ([], [])),
-            "xstest_pairs_above_refusal": _pair_acc(
-                np.asarray(zx), [(pos[a], pos[r]) for a, r in xs.pairs]
-            ),
-            "xstest_unsafe_vs_safe_compliance": _metrics(harm_vs_benign, ([], [])),
+            **xstest_metrics(zx),
         }
+    # yes/no designs on the same XSTest replies, for comparison (their readings of these
+    # replies are in the committed XSTest cache: `eval xstest` scored every candidate)
+    for name in designs:
+        scorer = build_scorer(name, backend, policy, cache, kind="harm")
+        q = policy.probes.harm.question
+        readings = [await read(scorer, r.conversation, r.reply, q, policy.refusal) for r in xs_rows]
+        failed = [x.error for x in readings if x.value is None]
+        if failed:
+            report["designs"][name] = {"error": f"{len(failed)} readings failed: {failed[0]}"}
+            continue
+        values = np.array([float(x.value or 0.0) for x in readings])
+        report["designs"][name] = xstest_metrics(values)
     return report
