@@ -221,9 +221,11 @@ class MiniLMEmbedder:
         if todo:
             fresh = self._encode([texts[i] for i in todo])
             for i, v in zip(todo, fresh, strict=True):
-                rows[i] = v
+                kept = [round(float(x), 6) for x in v]
+                # what the cache gives back, so a cold and a warm read are the same numbers
+                rows[i] = np.asarray(kept, dtype=np.float64)
                 if self.cache is not None:
-                    self.cache.put(keys[i], "embed", [round(float(x), 6) for x in v])
+                    self.cache.put(keys[i], "embed", kept)
         return np.stack([r for r in rows if r is not None]) if texts else np.zeros((0, 384))
 
 

@@ -620,7 +620,9 @@ class PairwiseRefusalScorer(Scorer):
 
 def shipped_heads() -> list[Head]:
     """Every head artefact shipped in the package."""
-    return [load_head(p) for p in sorted(HEADS_DIR.glob("*.json")) if p.stem != "embed_harm"]
+    # embed_harm is the older MiniLM head format; quality.json the measured report
+    skip = ("embed_harm", "quality")
+    return [load_head(p) for p in sorted(HEADS_DIR.glob("*.json")) if p.stem not in skip]
 
 
 def _head_for(backend: Backend, kind: ProbeKind, objective: str) -> Head:
