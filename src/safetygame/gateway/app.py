@@ -97,6 +97,12 @@ def _error(
     )
 
 
+def _too_deep() -> JSONResponse:
+    """A body nested beyond what the parsers recurse into: a fixable 400, never a 500."""
+    return _error(400, "Request body is nested too deeply.", "invalid_request_error",
+                  code="invalid_json")  # fmt: skip
+
+
 def default_agent_factory(timeout: float) -> Callable[[Backend, Policy], SafetyGame]:
     # Each call gets the time left before its request's deadline; ``timeout`` is the cap.
     def make(backend: Backend, policy: Policy) -> SafetyGame:
@@ -228,12 +234,7 @@ class Gateway:
         except ValidationError as exc:
             return JSONResponse(validation_error_body(exc), status_code=400)
         except RecursionError:
-            return _error(
-                400,
-                "Request body is nested too deeply.",
-                "invalid_request_error",
-                code="invalid_json",
-            )
+            return _too_deep()
 
     async def _payload(self, request: Request, deadline: float) -> Any:
         """The request's JSON value, or the error Response to send instead."""
@@ -259,12 +260,7 @@ class Gateway:
             # Strict UTF-8 (json.loads would let surrogates through from bytes: surrogatepass).
             payload = json.loads(raw.decode("utf-8-sig"))
         except RecursionError:
-            return _error(
-                400,
-                "Request body is nested too deeply.",
-                "invalid_request_error",
-                code="invalid_json",
-            )
+            return _too_deep()
         except ValueError:  # JSONDecodeError, UnicodeDecodeError, an int of 4,300+ digits
             return _error(
                 400,
