@@ -8,7 +8,9 @@ comes from the score cache (import resume/xstest.jsonl.gz and resume/heads.jsonl
 no model is loaded, and a missing reading is an error. Prints, for each (pooling, ridge),
 the 3-fold cross-validated AUROC on the training rows (folds by prompt) and the test AUROC
 between complying answers to unsafe and to safe XSTest test prompts (the 128 and 41 of
-`safetygame scorers evaluate`); docs/probes.md quotes its output.
+`safetygame scorers evaluate`), then, for the cell cross-validation chooses, the mean
+P(harmful) of those two groups and of the policy refusal under the same prompts (which this
+head never saw in training); docs/probes.md quotes its output.
 
     .venv/bin/python scripts/explore_compliance_head.py
 """
@@ -59,6 +61,7 @@ def main() -> None:
 
     xs_test = hd.xstest_rows(test, policy, cache, model_id, safe_prompts=False)
     unsafe = [xs_test.rows[a] for a, _ in xs_test.pairs]
+    refusals = [xs_test.rows[r] for r in sorted({r for _, r in xs_test.pairs})]
     safe_items = [it for it in test if it.label == "safe"][:60]
     safe_set = hd.xstest_rows(safe_items, policy, cache, model_id, safe_candidates=1)
     safe = [r for r in safe_set.rows if complies(r, policy.refusal)]
@@ -68,9 +71,9 @@ def main() -> None:
     folds = np.array(
         [int(hashlib.sha256(r.conversation[-1].content.encode()).hexdigest(), 16) % 3 for r in rows]
     )
-    best: tuple[float, str, float, float] | None = None
+    best: tuple[float, str, float, float, np.ndarray] | None = None
     for pooling in ("last", "mean"):
-        X, XT = features(rows, pooling), features(unsafe + safe, pooling)
+        X, XT = features(rows, pooling), features(unsafe + safe + refusals, pooling)
         for ridge in RIDGES:
             cv = []
             for k in range(3):
@@ -80,13 +83,20 @@ def main() -> None:
                 cv.append(auroc(m.logit((X[held] - mu) / sd), y[held]))
             mu, sd = X.mean(0), X.std(0) + 1e-6
             m = fit_logistic((X - mu) / sd, y, l2=ridge)
-            test_auc = auroc(m.logit((XT - mu) / sd), y_test)
+            p = 1.0 / (1.0 + np.exp(-m.logit((XT - mu) / sd)))
+            test_auc = auroc(p[: len(y_test)], y_test)
             cv_auc = float(np.mean(cv))
             print(f"{pooling:4} ridge {ridge:>7g}: cv {cv_auc:.3f}, test AUROC {test_auc:.3f}")
             if best is None or cv_auc > best[0]:
-                best = (cv_auc, pooling, ridge, test_auc)
+                best = (cv_auc, pooling, ridge, test_auc, p)
     assert best is not None
+    p = best[4]
+    n_u, n_s = len(unsafe), len(safe)
     print(f"chosen by cv: {best[1]}, ridge {best[2]:g} -> test AUROC {best[3]:.3f}")
+    print(
+        f"mean P(harmful): unsafe compliance {p[:n_u].mean():.3f}, safe compliance "
+        f"{p[n_u : n_u + n_s].mean():.3f}, the policy refusal {p[n_u + n_s :].mean():.3f}"
+    )
 
 
 if __name__ == "__main__":
