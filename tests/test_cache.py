@@ -119,7 +119,7 @@ def test_committed_exports_import_whole(export: Path) -> None:
     c = ScoreCache(None)
     got = c.import_jsonl(export)
     assert got["read"] == got["added"] > 0
-    assert set(c.kinds()) <= {"yes_no", "sample", "loglik", "embed"}
+    assert set(c.kinds()) <= {"yes_no", "sample", "loglik", "embed", "hidden"}
 
 
 def test_a_failed_export_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
