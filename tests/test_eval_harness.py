@@ -588,7 +588,7 @@ def test_eval_open_end_to_end(
     args = _eval_args(benchmark, eval_env, llama_server_url, out_dir, 0)
     first = run_cli(args)
     assert first["kind"] == "open" and first["n"] + first["n_dev"] == 2
-    assert set(first["methods"]) == {"plain", "filter", "safety-game"}
+    assert set(first["methods"]) == {"plain", "filter", "safety-game", "safety-game-adaptive"}
     curves = read_eval_log(out_dir).curves
     pooled, per_prompt = curves["safety-game-pooled"], curves["safety-game"]
     for k, T in enumerate(curves["budgets"]):
