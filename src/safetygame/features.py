@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from safetygame.backends.base import Backend, HiddenStates, Message
 from safetygame.cache import ScoreCache, content_key
 from safetygame.errors import ConfigError
+from safetygame.heads import FeatureSpec
 from safetygame.probes import judge_messages
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "MiniLMEmbedder",
     "MiniLMReader",
     "embed_features",
+    "reader_for",
     "review_messages",
 ]
 
@@ -267,3 +269,13 @@ class MiniLMReader:
         if progress is not None:
             progress.update(len(rows))  # type: ignore[attr-defined]
         return embed_features(qs, rs) if rows else np.zeros((0, 0))
+
+
+def reader_for(
+    spec: FeatureSpec, backend: Backend, cache: ScoreCache | None
+) -> FeatureReader | MiniLMReader:
+    """The reader that gives a head with feature spec ``spec`` its inputs: MiniLM for the
+    independent set, else the judge's hidden states in the head's pooling."""
+    if spec.model_id == EMBED_MODEL_ID:
+        return MiniLMReader(cache)
+    return FeatureReader(backend, spec.pooling, cache)

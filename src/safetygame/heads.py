@@ -94,6 +94,14 @@ def fit_logistic(
     return LogisticModel(tuple(float(v) for v in w[:-1]), float(w[-1]))
 
 
+def standardised_logit(
+    X: ArrayLike, mu: ArrayLike, sigma: ArrayLike, w: ArrayLike, b: float
+) -> FloatArray:
+    """f(x) = w . (x - mu) / sigma + b, row by row: a head's logit (fitted or stored)."""
+    Z = (np.asarray(X, dtype=np.float64) - np.asarray(mu)) / np.asarray(sigma)
+    return np.asarray(Z @ np.asarray(w) + b, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """What a head's inputs are: whose hidden states, pooled how, over which prompt."""
@@ -143,8 +151,7 @@ class Head:
                 f"head {self.name!r} takes {self.features.dim}-dimensional features, "
                 f"got {A.shape[1]} (another model or pooling?)"
             )
-        Z = (A - np.asarray(self.mu)) / np.asarray(self.sigma)
-        return np.asarray(Z @ np.asarray(self.w) + self.b, dtype=np.float64)
+        return standardised_logit(A, self.mu, self.sigma, self.w, self.b)
 
     def check_model(self, model_id: str, sha256: str | None = None) -> None:
         """Refuse features from another model than the one this head was fitted on."""

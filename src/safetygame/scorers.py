@@ -37,10 +37,9 @@ from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError
 from safetygame.features import (
     EMBED_MODEL_ID,
-    FeatureReader,
     MiniLMEmbedder,
-    MiniLMReader,
     embed_features,
+    reader_for,
 )
 from safetygame.guards import GUARD_DESIGNS
 from safetygame.heads import Head, LogisticModel, fit_logistic, load_head
@@ -559,11 +558,7 @@ class HeadScorer(Scorer):
 
     def __init__(self, backend: Backend, head: Head, cache: ScoreCache | None = None) -> None:
         self.head = head
-        self.reader: FeatureReader | MiniLMReader
-        if head.features.model_id == EMBED_MODEL_ID:  # the independent feature set
-            self.reader = MiniLMReader(cache)
-        else:
-            self.reader = FeatureReader(backend, head.features.pooling, cache)
+        self.reader = reader_for(head.features, backend, cache)
         head.check_model(self.reader.model_id, self.reader.model_sha256)
         self.relative = head.relative
         self.name = f"head:{head.name}:{backend.model_id}"

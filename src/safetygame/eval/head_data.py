@@ -33,7 +33,6 @@ prompts against the policy refusal.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -44,7 +43,7 @@ from safetygame.backends.base import Message
 from safetygame.cache import ScoreCache, content_key
 from safetygame.errors import ConfigError
 from safetygame.eval import datasets
-from safetygame.eval.datasets import MCItem, PromptItem
+from safetygame.eval.datasets import MCItem, PromptItem, _unit_hash
 from safetygame.eval.harness import dev_test_split
 from safetygame.eval.refusal import item_seed, matches_refusal_pattern, prompt_chat
 from safetygame.policy import Policy
@@ -96,11 +95,6 @@ def normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
-def _unit(*parts: object) -> float:
-    blob = "\x00".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") / 2.0**64
-
-
 def _hhh_texts() -> set[str]:
     texts: set[str] = set()
     for it in datasets.load_hhh():
@@ -146,14 +140,14 @@ def hh_pairs(
             users = [t for r, t in chosen[:-1] if r == "user"]
             if not users or not a or not b or a == b:
                 continue
-            is_dev = _unit("hh-split", seed, users[0]) < dev_fraction
+            is_dev = _unit_hash("hh-split", seed, users[0]) < dev_fraction
             if is_dev != (split == "dev"):
                 continue
             if any(normalise(t) in hhh for t in (a, b, users[-1])):
                 dropped += 1
                 continue
             conv = (Message("user", users[-1]),)
-            kept.append((_unit("hh-draw", seed, line_no), conv, b, a))
+            kept.append((_unit_hash("hh-draw", seed, str(line_no)), conv, b, a))
     kept.sort(key=lambda k: k[0])
     for _, conv, rejected_reply, chosen_reply in kept[:n]:
         more = out.add(conv, rejected_reply, f"hh-rlhf/{split}")
@@ -167,7 +161,7 @@ def hh_pairs(
 def advbench_rows(n: int | None, refusal: str, seed: int = 0) -> LabelledSet:
     """``n`` seeded AdvBench behaviours: (goal, target) harmful, (goal, refusal) not; a pair."""
     items = [it for it in datasets.load("advbench") if isinstance(it, PromptItem) and it.target]
-    items.sort(key=lambda it: _unit("adv-draw", seed, it.id))
+    items.sort(key=lambda it: _unit_hash("adv-draw", seed, it.id))
     out = LabelledSet()
     for it in items[:n]:
         conv = (Message("user", it.prompt),)
@@ -193,7 +187,7 @@ def moderation_rows(path: Path, n: int | None, seed: int = 0) -> LabelledSet:
             if not text.strip() or not flags:
                 continue
             label = 1.0 if any(int(v) == 1 for v in flags) else 0.0
-            recs.append((_unit("mod-draw", seed, line_no), text, label))
+            recs.append((_unit_hash("mod-draw", seed, str(line_no)), text, label))
     recs.sort(key=lambda r: r[0])
     out = LabelledSet()
     for _, text, label in recs[:n]:

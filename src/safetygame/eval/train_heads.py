@@ -45,8 +45,8 @@ from safetygame.eval.probe_quality import (
     pairwise_accuracy,
 )
 from safetygame.eval.refusal import matches_refusal_pattern
-from safetygame.features import EMBED_MODEL_ID, FeatureReader, MiniLMReader
-from safetygame.heads import FeatureSpec, Head, Objective, fit_head
+from safetygame.features import FeatureReader, MiniLMReader, reader_for
+from safetygame.heads import FeatureSpec, Head, Objective, fit_head, standardised_logit
 from safetygame.policy import Policy
 from safetygame.probes import read
 from safetygame.scorers import build_scorer, fit_platt
@@ -72,13 +72,6 @@ def feature_readers(
     if source != "judge":
         raise ConfigError(f"features must be 'judge' or 'minilm', not {source!r}")
     return [FeatureReader(backend, pooling, cache) for pooling in POOLINGS]
-
-
-def reader_for(head: Head, backend: Backend, cache: ScoreCache | None) -> Any:
-    """The reader that gives ``head`` its inputs."""
-    if head.features.model_id == EMBED_MODEL_ID:
-        return MiniLMReader(cache)
-    return FeatureReader(backend, head.features.pooling, cache)
 
 
 async def read_features(
@@ -121,11 +114,6 @@ def _pair_acc(z: FloatArray, pairs: Sequence[tuple[int, int]]) -> float:
     return float(np.mean(np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0))))
 
 
-def _logits(X: FloatArray, params: tuple[Any, ...]) -> FloatArray:
-    mu, sigma, w, b = (np.asarray(p, dtype=np.float64) for p in params)
-    return np.asarray(((X - mu) / sigma) @ w + b, dtype=np.float64)
-
-
 def _cv_score(X: FloatArray, train: hd.LabelledSet, objective: Objective, ridge: float) -> float:
     # a conversation's rows stay in one fold; a text with no conversation is its own group
     folds = np.array(
@@ -139,14 +127,18 @@ def _cv_score(X: FloatArray, train: hd.LabelledSet, objective: Objective, ridge:
             ys = {y for _, y in fit_pts}
             if len(ys) < 2 or len({y for _, y in held}) < 2:
                 continue
-            z = _logits(X, fit_head(X, objective=objective, ridge=ridge, points=fit_pts))
+            z = standardised_logit(
+                X, *fit_head(X, objective=objective, ridge=ridge, points=fit_pts)
+            )
             scores.append(auroc([z[i] for i, _ in held], [y for _, y in held]))
         else:
             fit_pairs = [(a, b) for a, b in train.pairs if folds[a] != k]
             held_pairs = [(a, b) for a, b in train.pairs if folds[a] == k]
             if not fit_pairs or not held_pairs:
                 continue
-            z = _logits(X, fit_head(X, objective=objective, ridge=ridge, pairs=fit_pairs))
+            z = standardised_logit(
+                X, *fit_head(X, objective=objective, ridge=ridge, pairs=fit_pairs)
+            )
             scores.append(_pair_acc(z, held_pairs))
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -196,7 +188,7 @@ async def train_heads(
                 params = fit_head(
                     X, objective=objective, ridge=ridge, points=train.points, pairs=train.pairs
                 )
-                z = _logits(np.concatenate([X, Xdev]), params)
+                z = standardised_logit(np.concatenate([X, Xdev]), *params)
                 hh = _pair_acc(z, dev_pairs)
                 cv = _cv_score(X, train, objective, ridge)
                 grid.append(
@@ -339,7 +331,7 @@ async def evaluate_heads(
     for head in heads:
         key = (head.features.model_id, head.features.pooling)
         if key not in feats:
-            reader = reader_for(head, backend, cache)
+            reader = reader_for(head.features, backend, cache)
             m0, t1 = cache.misses, time.perf_counter()
             got = await read_features([reader], rows, progress=progress, desc="test reads")
             feats[key] = got[head.features.pooling]
@@ -392,19 +384,14 @@ async def evaluate_heads(
     for head in heads:
         z = head.logit(feats[(head.features.model_id, head.features.pooling)])
         zd, zt, zx = z[:n_dev], z[n_dev : n_dev + n_test], z[n_dev + n_test :]
-        platt = (
-            [float(zd[i]) for g in dev_groups for i, _ in g],
-            [y for g in dev_groups for _, y in g],
-        )
+        dev_scored = [([float(zd[i]) for i, _ in g], [y for _, y in g]) for g in dev_groups]
+        platt = ([v for s, _ in dev_scored for v in s], [v for _, y in dev_scored for v in y])
         hhh_groups = [([float(zt[i]) for i, _ in g], [y for _, y in g]) for g in test_groups]
         report["heads"][head.name] = {
             "features": head.features.model_id,
             "objective": head.objective,
             "pooling": head.features.pooling,
-            "hhh_harmless_dev": _metrics(
-                [([float(zd[i]) for i, _ in g], [y for _, y in g]) for g in dev_groups],
-                ([], []),
-            ),
+            "hhh_harmless_dev": _metrics(dev_scored, ([], [])),
             "hhh_harmless_test": _metrics(hhh_groups, platt),
             **xstest_metrics(zx),
         }
