@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from safetygame.backends.base import Backend, HiddenStates, Message
+from safetygame.backends.base import Backend, HiddenStates, Message, last_user
 from safetygame.cache import ScoreCache, content_key
 from safetygame.errors import ConfigError
 from safetygame.heads import FeatureSpec
@@ -205,10 +205,6 @@ class MiniLMEmbedder:
                 out.append(pooled.numpy().astype(np.float64))
         return np.concatenate(out, axis=0) if out else np.zeros((0, 384))
 
-    def embed_pair(self, question: str, reply: str) -> tuple[FloatArray, FloatArray]:
-        both = self.embed([question, reply])
-        return both[:1], both[1:]
-
     def embed(self, texts: Sequence[str]) -> FloatArray:
         """One row per text."""
         rows: list[FloatArray | None] = [None] * len(texts)
@@ -251,10 +247,8 @@ class MiniLMReader:
         self.model_sha256: str | None = self.embedder.sha256
 
     async def read(self, conversation: Sequence[Message], reply: str) -> Reading:
-        user = next((m.content for m in reversed(conversation) if m.role == "user"), "")
-        # torch runs off the event loop (a gateway serves other requests meanwhile)
-        qs, rs = await asyncio.to_thread(self.embedder.embed_pair, user, reply)
-        return Reading(embed_features(qs, rs)[0].astype(np.float32), 0, False)
+        vector = (await self.matrix([(conversation, reply)]))[0]
+        return Reading(vector.astype(np.float32), 0, False)
 
     async def matrix(
         self,
@@ -263,7 +257,8 @@ class MiniLMReader:
         concurrency: int = 1,
         progress: object | None = None,
     ) -> FloatArray:
-        users = [next((m.content for m in reversed(c) if m.role == "user"), "") for c, _ in rows]
+        users = [last_user(c) or "" for c, _ in rows]
+        # torch runs off the event loop (a gateway serves other requests meanwhile)
         qs = await asyncio.to_thread(self.embedder.embed, users)
         rs = await asyncio.to_thread(self.embedder.embed, [r for _, r in rows])
         if progress is not None:

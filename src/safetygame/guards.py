@@ -76,7 +76,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from safetygame.backends.base import Backend, Message, TokenChoice
+from safetygame.backends.base import Backend, Message, TokenChoice, last_user
 from safetygame.cache import ScoreCache, content_key
 from safetygame.errors import BackendError, BackendProtocolError, ConfigError
 from safetygame.policy import Policy
@@ -116,12 +116,6 @@ class GuardPrompt:
         return (
             self.text[len(self.bos) :] if self.bos and self.text.startswith(self.bos) else self.text
         )
-
-
-def _last_user(conversation: Sequence[Message]) -> str | None:
-    """The last user message, or None: then the text under review is itself a user's text
-    (prompt classification, as for moderation requests)."""
-    return next((m.content for m in reversed(conversation) if m.role == "user"), None)
 
 
 def label_probability(
@@ -293,7 +287,7 @@ class ShieldGemma(Guard):
             raise ConfigError("shieldgemma needs at least one guideline")
 
     def prompts(self, conversation: Sequence[Message], reply: str) -> list[GuardPrompt]:
-        user = _last_user(conversation)
+        user = last_user(conversation)  # None: the text is a prompt
         if user is None:
             raise ConfigError(
                 "shieldgemma judges a reply to a user message here; its prompt-only template "
@@ -386,7 +380,7 @@ class GraniteGuardian(Guard):
         self.risk = risk
 
     def prompts(self, conversation: Sequence[Message], reply: str) -> list[GuardPrompt]:
-        user = _last_user(conversation)
+        user = last_user(conversation)  # None: the text is a prompt
         on_user, on_assistant = GRANITE_RISKS[self.risk]
         if user is None:  # the text is a user's message: the template's user-message branch
             text = (
@@ -428,7 +422,7 @@ class WildGuard(Guard):
     max_tokens = 24  # "Harmful request: yes\nResponse refusal: no\nHarmful response:" and one
 
     def prompts(self, conversation: Sequence[Message], reply: str) -> list[GuardPrompt]:
-        user = _last_user(conversation)
+        user = last_user(conversation)  # None: the text is a prompt
         prompt, response = (reply, "") if user is None else (user, reply)
         text = (
             "<s><|user|>\n[INST] You are a classifier for analyzing interactions between humans "

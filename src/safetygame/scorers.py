@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import expit
 
-from safetygame.backends.base import Backend, Message
+from safetygame.backends.base import Backend, Message, last_user
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError
 from safetygame.features import (
@@ -533,7 +533,7 @@ class EmbeddingScorer(Scorer):
         return self.head.predict(embed_features(qs, rs))
 
     async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
-        user = next((m.content for m in reversed(conversation) if m.role == "user"), "")
+        user = last_user(conversation) or ""
         try:
             # torch off the event loop: a gateway keeps serving other requests meanwhile
             p = float((await asyncio.to_thread(self.score_many, [(user, reply)]))[0])

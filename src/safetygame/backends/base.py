@@ -49,6 +49,11 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
+def last_user(conversation: Sequence[Message]) -> str | None:
+    """The content of the chat's last user message, or None when it has none."""
+    return next((m.content for m in reversed(conversation) if m.role == "user"), None)
+
+
 def as_messages(chat: str | Sequence[Message | Mapping[str, Any]]) -> tuple[Message, ...]:
     """Normalise a prompt string or a list of {role, content} dicts into Messages."""
     if isinstance(chat, str):
