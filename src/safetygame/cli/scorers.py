@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from safetygame.cache import ScoreCache
 from safetygame.cli import main
 from safetygame.cli._common import (
     backend_options,
@@ -56,12 +57,6 @@ COSTS: dict[str, str] = {
 @main.group()
 def scorers() -> None:
     """Scorer designs and learned heads."""
-
-
-def _open_cache(path: Path | None) -> Any:
-    from safetygame.cache import ScoreCache
-
-    return ScoreCache(path) if path is not None else ScoreCache()
 
 
 def _f(x: Any) -> str:
@@ -209,7 +204,7 @@ def train_cmd(
         overrides[key] = int(value)
     rec = dataclasses.replace(rec, **overrides)
     policy = load_policy(policy_ref)
-    cache = _open_cache(cache_path)
+    cache = ScoreCache(cache_path or "default")
 
     async def run() -> Any:
         backend = open_backend(model, upstream, api_key, parallel=1)
@@ -325,7 +320,7 @@ def evaluate_cmd(
     from safetygame.scorers import shipped_heads
 
     policy = load_policy(policy_ref)
-    cache = _open_cache(cache_path)
+    cache = ScoreCache(cache_path or "default")
 
     async def run() -> dict[str, Any]:
         backend = open_backend(model, upstream, api_key, parallel=1)
