@@ -322,13 +322,13 @@ def evaluate_cmd(
     policy = load_policy(policy_ref)
     cache = ScoreCache(cache_path or "default")
 
+    named = [load_head(r) for r in head_refs]  # a bad artefact fails before the model loads
+
     async def run() -> dict[str, Any]:
         backend = open_backend(model, upstream, api_key, parallel=1)
         try:
             ours = (backend.model_id, EMBED_MODEL_ID)
-            heads = [load_head(r) for r in head_refs] or [
-                h for h in shipped_heads() if h.features.model_id in ours
-            ]
+            heads = named or [h for h in shipped_heads() if h.features.model_id in ours]
             if not heads:
                 raise ConfigError(f"no shipped head for {backend.model_id}: pass --head")
             for h in heads:
