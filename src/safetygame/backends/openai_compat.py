@@ -613,17 +613,22 @@ class OpenAICompatBackend(Backend):
         )
         self.stats.completion_tokens += _count(body, "usage", "completion_tokens")
 
+    async def _renders_chats(self) -> bool:
+        """Does the server render chats itself (llama.cpp's ``/apply-template``)? Known from
+        an earlier :meth:`render`, else probed once; a server that refuses the probe (400)
+        does not."""
+        if self._templates is None:
+            try:
+                await self.render([Message("user", "ping")])
+            except ConfigError:  # not llama.cpp's endpoint
+                self._templates = False
+        return bool(self._templates)
+
     async def _loglik_route(self) -> str:
         """ "grammar" on a llama.cpp server (it renders chats: /apply-template), else
-        "scored" (or what an earlier scoring request found). Probed once, then cached."""
+        "scored" (or what an earlier scoring request found). Decided once, then cached."""
         if self._loglik_via is None:
-            probe = {"messages": [{"role": "user", "content": "ping"}]}
-            try:
-                await self._post("/apply-template", probe)
-            except (BackendUnsupported, ConfigError):  # not llama.cpp's endpoint
-                self._loglik_via = "scored"
-            else:
-                self._loglik_via = "grammar"
+            self._loglik_via = "grammar" if await self._renders_chats() else "scored"
         return self._loglik_via
 
     async def _loglik_scored(self, messages: Sequence[Message], continuation: str) -> LogLik:
