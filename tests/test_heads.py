@@ -28,7 +28,7 @@ from safetygame.backends.base import (
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, BackendUnsupported, ConfigError
 from safetygame.features import FeatureReader, review_messages
-from safetygame.heads import FeatureSpec, Head, fit_head, load_head
+from safetygame.heads import FeatureSpec, Head, HeadParams, fit_head, gated_logit, load_head
 from safetygame.policy import load_policy
 from safetygame.scorers import HeadScorer, build_scorer
 
@@ -113,12 +113,50 @@ def _data(n: int, seed: int) -> tuple[np.ndarray, list[tuple[int, float]], list[
 @pytest.mark.parametrize("objective", ["logistic", "bradley_terry"])
 def test_fit_head_learns_the_direction_that_separates(objective: str) -> None:
     X, points, pairs = _data(60, 0)
-    mu, sigma, w, b = fit_head(X, objective=objective, ridge=1.0, points=points, pairs=pairs)  # type: ignore[arg-type]
-    assert int(np.argmax(np.abs(w))) == 0 and w[0] > 0
+    p = fit_head(X, objective=objective, ridge=1.0, points=points, pairs=pairs)  # type: ignore[arg-type]
+    assert int(np.argmax(np.abs(p.w))) == 0 and p.w[0] > 0
     if objective == "bradley_terry":
-        assert b == 0.0  # pairs enter in both orders: no position bias to absorb
-    z = ((X - np.asarray(mu)) / np.asarray(sigma)) @ np.asarray(w) + b
+        assert p.b == 0.0  # pairs enter in both orders: no position bias to absorb
+    z = ((X - np.asarray(p.mu)) / np.asarray(p.sigma)) @ np.asarray(p.w) + p.b
     assert np.mean([z[a] > z[c] for a, c in pairs]) > 0.85
+    assert np.allclose(p.logit(X), z)
+
+
+def test_gated_head_separates_harmful_from_benign_compliance() -> None:
+    """Feature 0 says "complies", feature 1 says "harmful content": a refusal reads low
+    whatever feature 1 says, and among complying replies the harmful ones read high. One
+    logistic head on the same rows ranks by compliance and misorders benign compliance
+    above refusals that carry harmful-looking words."""
+    rng = np.random.default_rng(3)
+    n = 80
+    comply = np.r_[np.ones(2 * n), np.zeros(n)]
+    harmful = np.r_[np.ones(n), np.zeros(n), rng.integers(0, 2, n)]  # refusals: either
+    X = rng.normal(0, 0.5, (3 * n, DIM))
+    X[:, 0] += 3 * comply
+    X[:, 1] += 3 * harmful
+    gate = [(i, float(comply[i])) for i in range(3 * n)]
+    content = [(i, float(harmful[i])) for i in range(2 * n)]  # complying rows only
+    p = fit_head(X, objective="gated", ridge=1.0, points=content, gate_points=gate)
+    z = p.logit(X)
+    assert len(p.gate_w) == DIM and int(np.argmax(np.abs(p.gate_w))) == 0
+    assert z[:n].min() > z[n : 2 * n].max()  # harmful compliance above benign compliance
+    assert z[:n].min() > z[2 * n :].max()  # ... and above every refusal
+    # the product is a probability: logit(sigmoid(g) * sigmoid(f)) <= min(g, f)
+    g = HeadParams(p.mu, p.sigma, p.gate_w, p.gate_b).logit(X)
+    f = HeadParams(p.mu, p.sigma, p.w, p.b).logit(X)
+    assert np.all(z <= np.minimum(g, f) + 1e-9)
+    with pytest.raises(ConfigError, match="gate"):
+        fit_head(X, objective="gated", ridge=1.0, points=content)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(-800, 800), st.floats(-800, 800))
+def test_gated_logit_is_finite_and_matches_the_product(g: float, f: float) -> None:
+    z = float(gated_logit(np.array([g]), np.array([f]))[0])
+    assert np.isfinite(z)
+    p = 1 / (1 + np.exp(-np.clip(g, -700, 700))) / (1 + np.exp(-np.clip(f, -700, 700)))
+    if 1e-12 < p < 1 - 1e-9:
+        assert abs(z - np.log(p / (1 - p))) < 1e-6
 
 
 @settings(max_examples=20, deadline=None)
@@ -150,6 +188,14 @@ def test_artefact_round_trips_byte_for_byte(tmp_path: Path) -> None:
     path = h.save(tmp_path / "t.json")
     back = load_head(path)
     assert back == h and back.to_json() == path.read_text()
+    gated = head("gated", gate_w=(0.0, 1.0, 0.0, 0.0), gate_b=-0.5)
+    back = load_head(gated.save(tmp_path / "g.json"))
+    assert back == gated and not back.relative
+    assert np.allclose(back.logit(np.eye(DIM)), gated.params.logit(np.eye(DIM)))
+    with pytest.raises(ConfigError, match="gate_w"):
+        head("gated")  # a gated head without its gate
+    with pytest.raises(ConfigError, match="gate_w"):
+        head("logistic", gate_w=(0.0,) * DIM)
 
 
 def test_artefact_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:

@@ -6,7 +6,13 @@ f(x) = w . (x - mu) / sigma + b. Two objectives:
 - ``logistic`` (pointwise): P(harmful | reply) = sigmoid(f(x)), fitted on labelled replies;
 - ``bradley_terry`` (pairwise): P(a more harmful than b) = sigmoid(f(x_a) - f(x_b)), fitted on
   preference pairs; only differences of f mean anything, so it scores a reply *against a
-  reference* (the policy refusal), never alone.
+  reference* (the policy refusal), never alone;
+- ``gated`` (pointwise, two linear maps on the same features): P(harmful) =
+  P(complies) * P(harmful | complies). The gate g is fitted on every reply labelled by
+  whether it complies; the content map f only on complying replies, labelled harmful or
+  benign. One logistic head on all replies learns "complies vs refuses" (the dominant
+  contrast) and cannot tell a harmful answer from a helpful one; the gate takes that
+  contrast away from f.
 
 Both are L2-regularised logistic regressions solved by Newton's method in numpy: no torch
 at inference or at fitting. A head is bound to the features it was fitted on (the judge
@@ -36,6 +42,7 @@ __all__ = [
     "HEADS_DIR",
     "FeatureSpec",
     "Head",
+    "HeadParams",
     "LogisticModel",
     "fit_head",
     "fit_logistic",
@@ -43,7 +50,7 @@ __all__ = [
 ]
 
 FloatArray = NDArray[np.float64]
-Objective = Literal["logistic", "bradley_terry"]
+Objective = Literal["logistic", "bradley_terry", "gated"]
 FORMAT = "safetygame-head/1"
 HEADS_DIR = Path(__file__).resolve().parent / "scorer_heads"
 
@@ -102,6 +109,30 @@ def standardised_logit(
     return np.asarray(Z @ np.asarray(w) + b, dtype=np.float64)
 
 
+def gated_logit(gate: FloatArray, content: FloatArray) -> FloatArray:
+    """logit(sigmoid(g) * sigmoid(f)), computed in log space (no overflow at large |g|, |f|)."""
+    log_p = -np.logaddexp(0.0, -gate) - np.logaddexp(0.0, -content)
+    return np.asarray(log_p - np.log(-np.expm1(np.minimum(log_p, -1e-300))), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """A fitted head's numbers: standardisation, the linear map, and a gated head's gate."""
+
+    mu: tuple[float, ...]
+    sigma: tuple[float, ...]
+    w: tuple[float, ...]
+    b: float
+    gate_w: tuple[float, ...] = ()
+    gate_b: float = 0.0
+
+    def logit(self, X: ArrayLike) -> FloatArray:
+        z = standardised_logit(X, self.mu, self.sigma, self.w, self.b)
+        if not self.gate_w:
+            return z
+        return gated_logit(standardised_logit(X, self.mu, self.sigma, self.gate_w, self.gate_b), z)
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """What a head's inputs are: whose hidden states, pooled how, over which prompt."""
@@ -128,6 +159,8 @@ class Head:
     ridge: float
     training: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
+    gate_w: tuple[float, ...] = ()
+    gate_b: float = 0.0
 
     def __post_init__(self) -> None:
         d = self.features.dim
@@ -135,7 +168,14 @@ class Head:
             raise ConfigError(
                 f"head {self.name!r}: mu, sigma and w must all have the feature dimension {d}"
             )
-        arrays = (*self.mu, *self.sigma, *self.w, self.b)
+        if (self.objective == "gated") != bool(self.gate_w) or (
+            self.gate_w and len(self.gate_w) != d
+        ):
+            raise ConfigError(
+                f"head {self.name!r}: a gated head (and only a gated head) has gate_w of the "
+                f"feature dimension {d}"
+            )
+        arrays = (*self.mu, *self.sigma, *self.w, self.b, *self.gate_w, self.gate_b)
         if not all(math.isfinite(v) for v in arrays) or min(self.sigma) <= 0:
             raise ConfigError(f"head {self.name!r}: weights must be finite and sigma > 0")
 
@@ -151,7 +191,11 @@ class Head:
                 f"head {self.name!r} takes {self.features.dim}-dimensional features, "
                 f"got {A.shape[1]} (another model or pooling?)"
             )
-        return standardised_logit(A, self.mu, self.sigma, self.w, self.b)
+        return self.params.logit(A)
+
+    @property
+    def params(self) -> HeadParams:
+        return HeadParams(self.mu, self.sigma, self.w, self.b, self.gate_w, self.gate_b)
 
     def check_model(self, model_id: str, sha256: str | None = None) -> None:
         """Refuse features from another model than the one this head was fitted on."""
@@ -205,6 +249,8 @@ def load_head(ref: str | Path) -> Head:
             ridge=float(data["ridge"]),
             training=dict(data.get("training", {})),
             quality=dict(data.get("quality", {})),
+            gate_w=tuple(float(v) for v in data.get("gate_w", ())),
+            gate_b=float(data.get("gate_b", 0.0)),
         )
     except ConfigError as exc:
         raise ConfigError(f"scorer head {path}: {exc} ({fix})") from None
@@ -225,21 +271,33 @@ def fit_head(
     ridge: float,
     points: Sequence[tuple[int, float]] = (),
     pairs: Sequence[tuple[int, int]] = (),
-) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], float]:
-    """(mu, sigma, w, b) of a head over the rows of ``X``.
+    gate_points: Sequence[tuple[int, float]] = (),
+) -> HeadParams:
+    """The parameters of a head over the rows of ``X``.
 
     ``logistic`` uses ``points`` (row, 0/1 label), class-balanced; ``bradley_terry`` uses
     ``pairs`` (more harmful row, less harmful row), each entered in both orders so the fit
-    has no position bias and its intercept is 0. Standardisation uses the rows involved.
+    has no position bias and its intercept is 0; ``gated`` fits its gate on ``gate_points``
+    (row, 1 = complies) and its content map on ``points`` (complying rows, 1 = harmful).
+    Standardisation uses the rows involved.
     """
     if not (math.isfinite(ridge) and ridge > 0):
         raise ConfigError("ridge must be a finite number > 0")
-    if objective == "logistic":
+    if objective in ("logistic", "gated"):
         idx = np.array([i for i, _ in points], dtype=int)
         y = np.array([v for _, v in points], dtype=float)
-        mu, sigma = _standardise(X[np.unique(idx)])
+        gidx = np.array([i for i, _ in gate_points], dtype=int)
+        if objective == "gated" and gidx.size == 0:
+            raise ConfigError("a gated head needs gate points (replies labelled as complying)")
+        mu, sigma = _standardise(X[np.unique(np.concatenate([idx, gidx]))])
         model = fit_logistic((X[idx] - mu) / sigma, y, l2=ridge)
-        return tuple(mu.tolist()), tuple(sigma.tolist()), model.w, model.b
+        gate = LogisticModel((), 0.0)
+        if objective == "gated":
+            gy = np.array([v for _, v in gate_points], dtype=float)
+            gate = fit_logistic((X[gidx] - mu) / sigma, gy, l2=ridge)
+        return HeadParams(
+            tuple(mu.tolist()), tuple(sigma.tolist()), model.w, model.b, gate.w, gate.b
+        )
     if objective == "bradley_terry":
         if not pairs:
             raise ConfigError("a Bradley-Terry head needs preference pairs")
@@ -250,5 +308,5 @@ def fit_head(
         model = fit_logistic(
             np.concatenate([D, -D]), np.r_[np.ones(len(D)), np.zeros(len(D))], l2=ridge
         )
-        return tuple(mu.tolist()), tuple(sigma.tolist()), model.w, 0.0
-    raise ConfigError(f"objective must be logistic or bradley_terry, not {objective!r}")
+        return HeadParams(tuple(mu.tolist()), tuple(sigma.tolist()), model.w, 0.0)
+    raise ConfigError(f"objective must be logistic, bradley_terry or gated, not {objective!r}")

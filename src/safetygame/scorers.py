@@ -736,6 +736,7 @@ def _embed(backend: Backend, policy: Policy, cache: ScoreCache | None, kind: Pro
 DESIGNS["embed"] = _embed
 DESIGNS["head"] = _head_design("logistic")
 DESIGNS["head-bt"] = _head_design("bradley_terry")
+DESIGNS["head-gated"] = _head_design("gated")
 DESIGNS["pairwise-refusal"] = _pairwise_refusal
 DESIGNS.update(GUARD_DESIGNS)  # guard models: llama-guard-3, shieldgemma, granite-guardian, ...
 

@@ -46,6 +46,7 @@ COSTS: dict[str, str] = {
     "embed": "0 calls (MiniLM pass)",
     "head": "1 hidden-state read (no decoding)",
     "head-bt": "1 hidden-state read (+1 for the refusal, once per prompt)",
+    "head-gated": "1 hidden-state read (no decoding)",
     "pairwise-refusal": "2 yes/no calls (both orders vs the refusal)",
     "llama-guard-3": "1 guard call (first-token log-probabilities)",
     "shieldgemma": "4 guard calls (one per harm policy, the maximum)",
@@ -80,7 +81,9 @@ def list_cmd(as_json: bool) -> None:
     rows: list[dict[str, Any]] = []
     heads = shipped_heads()
     for name in sorted(DESIGNS):
-        objective = {"head": "logistic", "head-bt": "bradley_terry"}.get(name)
+        objective = {"head": "logistic", "head-bt": "bradley_terry", "head-gated": "gated"}.get(
+            name
+        )
         arts = [h for h in heads if h.objective == objective] if objective else []
         if not arts:
             rows.append({"design": name, "artefact": None, "cost": COSTS.get(name, "-")})

@@ -46,7 +46,7 @@ from safetygame.eval.probe_quality import (
 )
 from safetygame.eval.refusal import matches_refusal_pattern
 from safetygame.features import FeatureReader, MiniLMReader, reader_for
-from safetygame.heads import FeatureSpec, Head, Objective, fit_head, standardised_logit
+from safetygame.heads import FeatureSpec, Head, HeadParams, Objective, fit_head
 from safetygame.policy import Policy
 from safetygame.probes import read
 from safetygame.scorers import build_scorer, fit_platt
@@ -55,7 +55,7 @@ __all__ = ["RIDGES", "evaluate_heads", "read_features", "train_heads"]
 
 FloatArray = NDArray[np.float64]
 RIDGES = (1.0, 10.0, 100.0, 1000.0)
-OBJECTIVES: tuple[Objective, ...] = ("logistic", "bradley_terry")
+OBJECTIVES: tuple[Objective, ...] = ("logistic", "bradley_terry", "gated")
 POOLINGS = ("last", "mean")
 
 
@@ -114,31 +114,59 @@ def _pair_acc(z: FloatArray, pairs: Sequence[tuple[int, int]]) -> float:
     return float(np.mean(np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0))))
 
 
-def _cv_score(X: FloatArray, train: hd.LabelledSet, objective: Objective, ridge: float) -> float:
+def complies(row: hd.Row, refusal: str) -> bool:
+    """The refusal pattern detector's reading of a reply (the gated head's gate label)."""
+    return row.reply != refusal and not matches_refusal_pattern(row.reply)
+
+
+def _fit(
+    X: FloatArray,
+    train: hd.LabelledSet,
+    objective: Objective,
+    ridge: float,
+    refusal: str,
+    keep: NDArray[np.bool_] | None = None,
+) -> HeadParams:
+    """Fit ``objective`` on the training labels of the rows in ``keep`` (all by default).
+    A gated head's gate learns complies-vs-not on every labelled row; its content map learns
+    the harm label on the complying ones."""
+    ok = np.ones(len(train.rows), dtype=bool) if keep is None else keep
+    points = [(i, y) for i, y in train.points if ok[i]]
+    pairs = [(a, b) for a, b in train.pairs if ok[a]]
+    if objective != "gated":
+        return fit_head(X, objective=objective, ridge=ridge, points=points, pairs=pairs)
+    labelled = sorted({i for i, _ in points} | {i for p in pairs for i in p})
+    gate = [(i, 1.0 if complies(train.rows[i], refusal) else 0.0) for i in labelled]
+    content = [(i, y) for i, y in points if complies(train.rows[i], refusal)]
+    return fit_head(X, objective="gated", ridge=ridge, points=content, gate_points=gate)
+
+
+def _cv_score(
+    X: FloatArray, train: hd.LabelledSet, objective: Objective, ridge: float, refusal: str
+) -> float:
     # a conversation's rows stay in one fold; a text with no conversation is its own group
     folds = np.array(
         [_fold(r.conversation[-1].content if r.conversation else r.reply) for r in train.rows]
     )
     scores = []
     for k in range(3):
-        if objective == "logistic":
-            fit_pts = [(i, y) for i, y in train.points if folds[i] != k]
+        if objective in ("logistic", "gated"):
             held = [(i, y) for i, y in train.points if folds[i] == k]
-            ys = {y for _, y in fit_pts}
-            if len(ys) < 2 or len({y for _, y in held}) < 2:
+            if (
+                len({y for i, y in train.points if folds[i] != k}) < 2
+                or len({y for _, y in held}) < 2
+            ):
                 continue
-            z = standardised_logit(
-                X, *fit_head(X, objective=objective, ridge=ridge, points=fit_pts)
-            )
+            try:
+                z = _fit(X, train, objective, ridge, refusal, folds != k).logit(X)
+            except ConfigError:
+                continue  # a gated fold with one class of complying replies cannot be fitted
             scores.append(auroc([z[i] for i, _ in held], [y for _, y in held]))
         else:
-            fit_pairs = [(a, b) for a, b in train.pairs if folds[a] != k]
             held_pairs = [(a, b) for a, b in train.pairs if folds[a] == k]
-            if not fit_pairs or not held_pairs:
+            if not held_pairs or all(folds[a] == k for a, _ in train.pairs):
                 continue
-            z = standardised_logit(
-                X, *fit_head(X, objective=objective, ridge=ridge, pairs=fit_pairs)
-            )
+            z = _fit(X, train, objective, ridge, refusal, folds != k).logit(X)
             scores.append(_pair_acc(z, held_pairs))
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -185,12 +213,9 @@ async def train_heads(
         dev_pairs = [(a + n, b + n) for a, b in dev.pairs]
         for objective in OBJECTIVES:
             for ridge in RIDGES:
-                params = fit_head(
-                    X, objective=objective, ridge=ridge, points=train.points, pairs=train.pairs
-                )
-                z = standardised_logit(np.concatenate([X, Xdev]), *params)
-                hh = _pair_acc(z, dev_pairs)
-                cv = _cv_score(X, train, objective, ridge)
+                params = _fit(X, train, objective, ridge, policy.refusal)
+                hh = _pair_acc(params.logit(np.concatenate([X, Xdev])), dev_pairs)
+                cv = _cv_score(X, train, objective, ridge, policy.refusal)
                 grid.append(
                     {
                         "objective": objective,
@@ -227,10 +252,8 @@ async def train_heads(
         cells = [g for g in grid if g["objective"] == objective]
         best = max(cells, key=lambda g: (round(g["dev_score"], 6), g["ridge"]))
         F = feats[best["pooling"]][:n]
-        mu, sigma, w, b = fit_head(
-            F, objective=objective, ridge=best["ridge"], points=train.points, pairs=train.pairs
-        )
-        short = "bt" if objective == "bradley_terry" else "logistic"
+        p = _fit(F, train, objective, best["ridge"], policy.refusal)
+        short = {"bradley_terry": "bt"}.get(objective, objective)
         reader = by_pooling[best["pooling"]]
         heads.append(
             Head(
@@ -244,13 +267,15 @@ async def train_heads(
                     prompt=reader.prompt,
                     dim=int(F.shape[1]),
                 ),
-                mu=mu,
-                sigma=sigma,
-                w=w,
-                b=b,
+                mu=p.mu,
+                sigma=p.sigma,
+                w=p.w,
+                b=p.b,
                 ridge=float(best["ridge"]),
                 training=provenance,
                 quality={"dev": best},
+                gate_w=p.gate_w,
+                gate_b=p.gate_b,
             )
         )
     return TrainResult(
