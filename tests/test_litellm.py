@@ -99,6 +99,9 @@ def test_configuration_errors_stop_start_up() -> None:
         guardrail(budget=0.9)
     with pytest.raises(ConfigError, match="Unknown policy"):
         guardrail(policy="no-such-policy")
+    with pytest.raises(ConfigError, match=r"mode: \[pre_call, post_call\]"):
+        guardrail(event_hook="post_call")  # streams would pass unguarded
+    assert guardrail(event_hook=["pre_call", "post_call"]).event_hook == ["pre_call", "post_call"]
 
 
 def test_request_and_response_shapes() -> None:

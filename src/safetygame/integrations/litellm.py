@@ -1,7 +1,7 @@
 """LiteLLM: a proxy guardrail that answers through the Safety Game.
 
 :class:`SafetyGameGuardrail` is a LiteLLM ``CustomGuardrail``. Declared in the proxy's
-``config.yaml`` with ``mode: [pre_call, post_call]`` (README, "LiteLLM"; docs/integrations.md):
+``config.yaml`` with ``mode: [pre_call, post_call]`` (README, "LiteLLM"; docs/litellm.md):
 
 - **pre_call** asks the upstream for the policy's candidates: it sets ``n`` (the policy's
   ``sampling.n``) and the policy's ``temperature``, ``top_p`` and ``max_tokens`` where the
@@ -180,6 +180,13 @@ class SafetyGameGuardrail(CustomGuardrail):
             raise ConfigError(
                 "SafetyGameGuardrail needs litellm_params.api_base: the judge's "
                 "OpenAI-compatible URL (e.g. the llama.cpp server behind the proxy)"
+            )
+        hook = kwargs.get("event_hook")
+        hooks = {hook} if isinstance(hook, str) else set(hook) if isinstance(hook, list) else None
+        if hook is not None and not (hooks and {"pre_call", "post_call"} <= hooks):
+            # post_call alone would let streams through unguarded (no post-call hook runs)
+            raise ConfigError(
+                f"SafetyGameGuardrail needs mode: [pre_call, post_call], got {hook!r}"
             )
         self.policy = pol = policy if isinstance(policy, Policy) else load_policy(policy)
         self.budget = budget
