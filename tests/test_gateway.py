@@ -33,7 +33,7 @@ from safetygame.errors import BackendError, ConfigError
 from safetygame.gateway.app import GatewaySettings, create_app
 from safetygame.gateway.audit import SQLiteAuditStore, export_records, open_store
 from safetygame.gateway.auth import KeyRing, TenantsConfig, bearer_token, hash_key, load_tenants
-from safetygame.gateway.metrics import Histogram
+from safetygame.gateway.metrics import GatewayMetrics
 from safetygame.gateway.schemas import FAILURE_REASONS
 from safetygame.policy import load_policy, policy_yaml
 
@@ -286,12 +286,17 @@ async def test_metrics_count_requests_refusals_latency(client: Client) -> None:
 
 
 def test_histogram_buckets_are_cumulative() -> None:
-    h = Histogram("x", "help", (0.1, 1.0))
-    for v in (0.05, 0.5, 0.5, 5.0):
-        h.observe(v)
-    lines = h.render()
-    assert 'x_bucket{le="0.1"} 1' in lines and 'x_bucket{le="1"} 3' in lines
-    assert 'x_bucket{le="+Inf"} 4' in lines and "x_count 4" in lines
+    m = GatewayMetrics()
+    for v in (0.004, 0.5, 0.5, 100.0):
+        m.latency.observe(v, tenant="t")
+    lines = m.render().splitlines()
+    name = "safetygame_decision_latency_seconds"
+    assert f'{name}_bucket{{tenant="t",le="0.005"}} 1' in lines
+    assert f'{name}_bucket{{tenant="t",le="0.5"}} 3' in lines
+    assert f'{name}_bucket{{tenant="t",le="1"}} 3' in lines
+    assert f'{name}_bucket{{tenant="t",le="+Inf"}} 4' in lines
+    assert f'{name}_count{{tenant="t"}} 4' in lines and f'{name}_sum{{tenant="t"}} 101.004' in lines
+    assert "safetygame_requests_in_flight 0" in lines and "_created" not in m.render()
 
 
 # -- auth and tenants --------------------------------------------------------------------------

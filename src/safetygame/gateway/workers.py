@@ -7,8 +7,10 @@ to whichever worker accepts first. Workers are stateless: each has its own upstr
 policy watcher and audit-store connection, and records are keyed by request id, so they may
 share one SQLite file (writers take turns) or one PostgreSQL database.
 
-The supervisor restarts a worker that dies and stops them all on SIGINT/SIGTERM. Each
-worker's ``/metrics`` counts only its own requests (sum them, or scrape every worker).
+The supervisor restarts a worker that dies and stops them all on SIGINT/SIGTERM. Metrics
+add up: the workers share a private prometheus_client multiprocess folder that the
+supervisor creates and removes (``metrics.SharedMetricsDir``), so any worker's ``/metrics``
+reports the totals of all.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from safetygame.errors import ConfigError, SafetygameError
+from safetygame.gateway.metrics import SharedMetricsDir
 
 log = logging.getLogger("safetygame.gateway.workers")
 
@@ -47,7 +50,8 @@ class WorkerPool:
     ``command`` is a ``safetygame serve`` command line that prints its URL on the first
     stdout line once it accepts connections (the pool waits for that line). ``stdin``: text
     written to each worker's stdin (``serve --settings-stdin`` reads its settings there, so
-    secrets stay off command lines)."""
+    secrets stay off command lines). ``env``: added to each worker's environment.
+    ``on_exit(pid)``: called once for each worker seen exited (restarted or stopped)."""
 
     def __init__(
         self,
@@ -57,6 +61,8 @@ class WorkerPool:
         *,
         ready_timeout: float = 120.0,
         stdin: str | None = None,
+        env: Mapping[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("--workers must be >= 1")
@@ -65,6 +71,8 @@ class WorkerPool:
         self.workers = workers
         self.ready_timeout = ready_timeout
         self.stdin = stdin
+        self.env = None if env is None else {**os.environ, **env}
+        self.on_exit = on_exit
         self.procs: list[subprocess.Popen[str]] = []
         self._stop = threading.Event()
 
@@ -75,6 +83,7 @@ class WorkerPool:
             stdout=subprocess.PIPE,
             text=True,
             pass_fds=(self.sock.fileno(),),
+            env=self.env,
         )
         assert proc.stdout is not None
         if proc.stdin is not None:
@@ -87,6 +96,7 @@ class WorkerPool:
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait()
+            self._exited(proc)
             raise SafetygameError(
                 f"gateway worker did not start (exit code {proc.returncode}); its log is above"
             )
@@ -109,6 +119,7 @@ class WorkerPool:
                 log.warning(
                     "gateway worker %d exited (code %s); restarting it", proc.pid, proc.returncode
                 )
+                self._exited(proc)
                 if self._stop.wait(RESTART_DELAY_S):
                     return
                 try:
@@ -134,6 +145,11 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            self._exited(proc)
+
+    def _exited(self, proc: subprocess.Popen[str]) -> None:
+        if self.on_exit is not None:
+            self.on_exit(proc.pid)
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -163,7 +179,10 @@ def run_workers(
     SIGINT/SIGTERM, stop the workers. ``stdin``: written to each worker's stdin."""
     sock = listen(host, port)
     bound = sock.getsockname()
-    pool = WorkerPool(command, sock, workers, stdin=stdin)
+    metrics = SharedMetricsDir()
+    pool = WorkerPool(
+        command, sock, workers, stdin=stdin, env=metrics.env(), on_exit=metrics.process_exited
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         pool.request_stop()
@@ -176,6 +195,7 @@ def run_workers(
     finally:
         pool.stop()
         sock.close()
+        metrics.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
