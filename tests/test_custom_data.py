@@ -213,19 +213,16 @@ def test_eval_custom_then_tune_file_on_the_small_model(
     policy.write_text(SMALL_POLICY, encoding="utf-8")
     cache = str(tmp_path / "scores.sqlite")
     common = ["--upstream", llama_server_url, "--policy", str(policy), "--cache", cache]
-    prompts = jsonl(
-        tmp_path / "mine.jsonl",
-        [SAFE, UNSAFE, {"prompt": "Name a fruit.", "label": "safe"}],
-    )  # fmt: skip
+    prompts = jsonl(tmp_path / "mine.jsonl", [SAFE, UNSAFE])  # one dev, one test prompt
     questions = tmp_path / "quiz.csv"
     questions.write_text("question,A,B,answer\n2 + 2?,4,5,A\nSky colour?,Green,Blue,B\n")
     ev = _cli(["eval", "custom", str(prompts), *common, "--out", str(tmp_path / "ev")])
     assert ev["benchmark"] == "custom:mine" and ev["kind"] == "open"
-    assert ev["n"] + ev["n_dev"] == 3 and ev["n_failed_decisions"] == 0
+    assert ev["n"] + ev["n_dev"] == 2 and ev["n_failed_decisions"] == 0
     assert set(ev["methods"]) >= {"plain", "filter", "safety-game"}
     assert ev["tuned"]["safety-game"]["current"]["budget"] == 0.1
     log = json.loads((tmp_path / "ev" / "evallog.json").read_text())
-    assert log["config"]["data"]["kind"] == "open" and log["config"]["data"]["n_safe"] == 2
+    assert log["config"]["data"]["kind"] == "open" and log["config"]["data"]["n_safe"] == 1
     assert log["config"]["data"]["sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     # tune reads the same dev split: every decision and reading is in the cache already
     out = tmp_path / "tuned.yml"

@@ -115,10 +115,13 @@ def test_tune_budget_picks_smallest_best_t() -> None:
     assert [round(g[2], 6) for g in res.grid][:3] == [0.0, round(2 / 3, 6), round(2 / 3, 6)]
     # Three dev items cannot separate anything: the current budget is kept.
     assert not res.adopted and res.budget == 0.0 and res.accuracy == 0.0
-    assert "3 dev items" in res.reason
+    assert "3 dev item(s)" in res.reason
     # Ties among the grid go to the smaller T: 0.3 and 0.45 tie below 0.6.
-    res2 = tune_budget(t, "filter", [0.45, 0.3], current=(0.3, None))
-    assert res2.best == (0.3, None) and res2.budget == 0.3
+    res2 = tune_budget(t, "filter", [0.45, 0.3], current=(0.0, None))
+    assert res2.best == (0.3, None)
+    # ... except against the current budget, which wins its ties: no evidence, no move.
+    res4 = tune_budget(t, "filter", [0.45, 0.3], current=(0.45, None))
+    assert res4.best == (0.45, None) and res4.gain is None and not res4.adopted
     # The current budget joins the grid where it sorts when it is not on it.
     res3 = tune_budget(t, "filter", [0.0, 1.0], current=(0.5, None))
     assert [g[0] for g in res3.grid] == [0.0, 0.5, 1.0]
@@ -163,7 +166,29 @@ def test_indistinguishable_candidates_keep_the_budget(
     scores = np.array([row] * len(GRID))
     c = choose_budget(GRID, scores, GRID[k_current], n_resamples=200, seed=seed)
     assert not c.adopted and (c.budget, c.beta) == GRID[k_current]
+    assert c.best == GRID[k_current] and c.gain is None
     assert c.score == pytest.approx(float(np.mean(row)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    row=st.lists(st.floats(0.0, 0.5), min_size=6, max_size=60),
+    wins=st.lists(st.integers(0, 59), min_size=1, max_size=2, unique=True),
+    size=st.floats(0.01, 0.5),
+    seed=st.integers(0, 3),
+)
+def test_a_win_on_one_or_two_dev_items_never_moves_the_budget(
+    row: list[float], wins: list[int], size: float, seed: int
+) -> None:
+    # T = 0 beats the current T = 0.1 on at most two dev items and ties it on the rest: a
+    # resample leaves both out with probability >= (1 - 2/6)^6 = 0.088 > 0.025, so the
+    # interval's lower end is 0 and the budget stays, however large the win.
+    current = np.array(row)
+    better = current.copy()
+    for i in wins:
+        better[i % len(row)] += size
+    c = choose_budget(GRID, np.array([better, current, current]), (0.1, None), seed=seed)
+    assert c.best == (0.0, None) and not c.adopted and c.budget == 0.1
 
 
 @settings(max_examples=60, deadline=None)

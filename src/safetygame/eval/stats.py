@@ -219,12 +219,19 @@ class BudgetChoice:
         }
 
 
-def _resample_counts(n: int, n_resamples: int, seed: int) -> NDArray[np.int64]:
-    """(n_resamples, n) multiplicities of each item in each bootstrap resample."""
+def _resampled_candidate_means(scores: FloatArray, n_resamples: int, seed: int) -> FloatArray:
+    """(n_resamples, candidates) mean scores over bootstrap resamples of the items (columns),
+    every candidate on the same resample; in blocks, so memory stays bounded."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_resamples, n))
-    flat = (idx + (np.arange(n_resamples) * n)[:, None]).ravel()
-    out: NDArray[np.int64] = np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n)
+    n = scores.shape[1]
+    block = max(1, _BLOCK_CELLS // n)
+    out = np.empty((n_resamples, scores.shape[0]))
+    for lo in range(0, n_resamples, block):
+        hi = min(n_resamples, lo + block)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        flat = (idx + (np.arange(hi - lo) * n)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=(hi - lo) * n).reshape(hi - lo, n)
+        out[lo:hi] = (counts @ scores.T) / n
     return out
 
 
@@ -248,7 +255,8 @@ def choose_budget(
 
     ``scores[k, i]`` is candidate k's score on dev item i (higher is better); ``candidates``
     must hold ``current``, and their order breaks ties (callers list T ascending, so the
-    smaller budget wins a tie). The dev-best candidate is the first with the highest mean.
+    smaller budget wins a tie). The dev-best candidate is the current one if it has the
+    highest mean, else the first with the highest mean.
     It is adopted iff (1) it differs from ``current``, (2) there are at least
     :func:`min_separable_n` dev items, and (3) the lower end of the paired percentile
     bootstrap interval (``confidence``, two-sided) of its per-item score minus the current
@@ -271,8 +279,9 @@ def choose_budget(
         raise ConfigError("choose_budget: scores must be finite")
     n = S.shape[1]
     means = S.mean(axis=1)
-    k_best = int(_first_best(means))
     k_cur = cands.index(cur)
+    # A candidate that only ties the current one is no reason to move: the current wins ties.
+    k_best = k_cur if means[k_cur] >= means.max() - 1e-12 else int(_first_best(means))
     gain: PairedDifference | None = None
     if k_best == k_cur:
         adopted, reason = False, "the current budget scores best on dev"
@@ -283,7 +292,7 @@ def choose_budget(
         need = min_separable_n(confidence)
         if n < need:
             adopted = False
-            reason = f"{n} dev items cannot separate candidates (needs >= {need}): kept"
+            reason = f"{n} dev item(s) cannot separate candidates (needs >= {need}): kept"
         elif gain.low > 0.0:
             adopted = True
             reason = (
@@ -297,8 +306,7 @@ def choose_budget(
             )
     k = k_best if adopted else k_cur
     # How stable the pick is: the T the same rule's argmax lands on over dev resamples.
-    W = _resample_counts(n, n_resamples, seed)
-    boot_means = (W @ S.T) / n  # (resamples, candidates)
+    boot_means = _resampled_candidate_means(S, n_resamples, seed)
     picked_T = np.array([c[0] for c in cands])[_first_best(boot_means)]
     alpha = (1.0 - confidence) / 2.0
     t_lo, t_hi = np.quantile(picked_T, [alpha, 1.0 - alpha])
