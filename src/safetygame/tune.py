@@ -38,18 +38,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from safetygame import game
-from safetygame.backends.base import Backend
-from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError, SafetygameError
-from safetygame.eval.custom import CustomData
-from safetygame.eval.harness import EvalConfig
-from safetygame.eval.stats import BudgetChoice
 from safetygame.policy import Policy, policy_from_dict, policy_yaml
+
+if TYPE_CHECKING:  # `ask` and `serve` import this module: the eval stack loads on use only
+    from safetygame.backends.base import Backend
+    from safetygame.cache import ScoreCache
+    from safetygame.eval.custom import CustomData
+    from safetygame.eval.harness import EvalConfig
+    from safetygame.eval.stats import BudgetChoice
 
 __all__ = [
     "BudgetTuning",
@@ -309,7 +311,12 @@ async def tune_budget_from_data(
     :func:`safetygame.eval.stats.choose_budget` from the policy's current (T, beta).
     """
     from safetygame.eval import datasets
-    from safetygame.eval.harness import TUNED_METHODS, sample_and_split, score_table
+    from safetygame.eval.harness import (
+        TUNED_METHODS,
+        current_candidate,
+        sample_and_split,
+        score_table,
+    )
     from safetygame.eval.scoring import ScoringPass
     from safetygame.eval.stats import tune_budget
 
@@ -320,12 +327,11 @@ async def tune_budget_from_data(
             dev_mc, progress=progress, order=datasets.sample_order(dev_mc, cfg.seed)
         )
         table, failed = score_table(dev_mc, scores)
-        current = (policy.game.budget, policy.game.beta)
         choice = tune_budget(
             table,
             "safety-game",
             cfg.budgets,
-            current=current,
+            current=current_candidate(policy.game, "safety-game"),
             betas=TUNED_METHODS["safety-game"],
             n_resamples=cfg.n_resamples,
             confidence=cfg.confidence,
@@ -417,10 +423,10 @@ def budget_notes(result: BudgetTuning) -> list[str]:
     verdict = "adopted the dev-best" if c.adopted else "kept the policy's budget"
     lines = [
         f"Budget tuned on the dev split of {m['file']} (sha256 {m['sha256'][:12]}, {study}, "
-        f"{c.n} dev items, seed {m['seed']})",
+        f"{c.n} dev item(s), seed {m['seed']})",
         "Rule (docs/evaluation.md, Tuning rule): keep the policy's budget unless the paired "
         "bootstrap interval of the dev-best minus it is above 0",
-        f"Decision: {verdict}, {_t(c.budget, c.beta)}. {c.reason}",
+        f"Decision: {verdict}, {_t(c.budget, c.beta)} ({c.reason})",
         f"dev {m['score']} at {_t(c.budget, c.beta)}: {c.score:.3f} "
         f"[{c.score_ci[0]:.3f}, {c.score_ci[1]:.3f}]; T picked on dev resamples: "
         f"[{c.budget_ci[0]:g}, {c.budget_ci[1]:g}]",

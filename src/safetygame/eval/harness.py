@@ -116,16 +116,12 @@ class EvalConfig:
             raise ConfigError("budgets must be a non-empty list of finite numbers >= 0")
 
 
-#: The budget a run starts from when no policy is given: the policy file's default.
-DEFAULT_CURRENT: Candidate = (GameSettings().budget, GameSettings().beta)
-
-
-def current_candidate(policy: Policy, method: str) -> Candidate:
-    """The (T, beta) the policy plays now, as ``method`` reads it: a method tuned without a
-    beta (the filter, the pooled game) keeps the policy's T with the hard budget."""
+def current_candidate(game: GameSettings, method: str) -> Candidate:
+    """The (T, beta) a policy's ``game`` plays now, as ``method`` reads it: a method tuned
+    without a beta (the filter, the pooled game) keeps the policy's T with the hard budget.
+    The tuning rule starts from it (:func:`~safetygame.eval.stats.choose_budget`)."""
     betas = TUNED_METHODS.get(method, (None,))
-    beta = policy.game.beta if betas != (None,) else None
-    return (policy.game.budget, beta)
+    return (game.budget, game.beta if betas != (None,) else None)
 
 
 # --------------------------------------------------------------------------- items & splits
@@ -242,8 +238,8 @@ def evaluate_mc(
     """Tune on ``dev_ids``, report on ``test_ids``.
 
     Tuning follows :func:`~safetygame.eval.stats.choose_budget`: each budgeted method keeps
-    its ``current`` (T, beta) (the policy's, :func:`current_candidate`; default
-    :data:`DEFAULT_CURRENT`) unless the dev evidence separates the dev-best grid point.
+    its ``current`` (T, beta) (the policy's, :func:`current_candidate`; by default the policy
+    file's default game settings) unless the dev evidence separates the dev-best grid point.
 
     Returns (summary, curves, strategies): the summary has ``methods`` (per method: expected
     and argmax accuracy with intervals, refusal rate, extra risk, helpfulness, params),
@@ -264,7 +260,7 @@ def evaluate_mc(
     params: dict[str, MethodParams] = {}
     for name in names:
         if name in TUNED_METHODS:
-            cur = (current or {}).get(name, _default_current(name))
+            cur = (current or {}).get(name) or current_candidate(GameSettings(), name)
             res = tune_budget(
                 dev,
                 name,
@@ -324,17 +320,6 @@ def evaluate_mc(
         "tuned": tuned,
     }
     return summary, curves, strategies
-
-
-def _default_current(method: str) -> Candidate:
-    return (
-        DEFAULT_CURRENT
-        if TUNED_METHODS.get(method, (None,)) != (None,)
-        else (
-            DEFAULT_CURRENT[0],
-            None,
-        )
-    )
 
 
 def budget_curves(
@@ -482,7 +467,7 @@ async def run_mc(
     kept = set(table.ids)
     dev_ids = [it.id for it in sp.dev if it.id in kept]
     test_ids = [it.id for it in sp.test if it.id in kept]
-    current = {name: current_candidate(policy, name) for name in TUNED_METHODS}
+    current = {name: current_candidate(policy.game, name) for name in TUNED_METHODS}
     summary, curves, strategies = evaluate_mc(table, dev_ids, test_ids, cfg, current=current)
     summary = {**summary, "n_failed": len(failed), "failed_ids": list(failed)}
     split_of = {it.id: "dev" for it in sp.dev} | {it.id: "test" for it in sp.test}

@@ -307,7 +307,9 @@ def choose_budget(
     k = k_best if adopted else k_cur
     # How stable the pick is: the T the same rule's argmax lands on over dev resamples.
     boot_means = _resampled_candidate_means(S, n_resamples, seed)
-    picked_T = np.array([c[0] for c in cands])[_first_best(boot_means)]
+    picks = _first_best(boot_means)
+    cur_top = boot_means[:, k_cur] >= boot_means.max(axis=1) - 1e-12  # the current wins ties
+    picked_T = np.array([c[0] for c in cands])[np.where(cur_top, k_cur, picks)]
     alpha = (1.0 - confidence) / 2.0
     t_lo, t_hi = np.quantile(picked_T, [alpha, 1.0 - alpha])
     iv = bootstrap_ci(S[k], n_resamples=n_resamples, confidence=confidence, seed=seed)
