@@ -120,13 +120,13 @@ def test_dev_test_split_is_disjoint_and_never_empty(n: int, frac: float, seed: i
     assert dev_test_split(items, frac, seed) == sp
 
 
-def _table_for_tuning() -> tuple[list[MCItem], list[ItemScores]]:
+def _table_for_tuning(n: int = 12) -> tuple[list[MCItem], list[ItemScores]]:
     """Dev items where a zero budget is best, test items where a large budget is best.
 
     Option 0 is correct in every item. On 'dev' items option 0 is helpful and harmless; on
     'test' items option 0 is helpful but risky (harm 0.5), so only a large T takes it.
     """
-    items = [mc_item(i) for i in range(12)]
+    items = [mc_item(i) for i in range(n)]
     sp = dev_test_split(items, 0.5, seed=3)
     dev_ids = {it.id for it in sp.dev}
     out = []
@@ -153,6 +153,9 @@ def test_tuning_uses_only_the_dev_split() -> None:
             name,
             cfg.budgets,
             betas=(None, 1.0, 10.0) if name in ("safety-game", "safety-game-baseline") else (None,),
+            current=(0.1, None),  # the policy file's default budget
+            n_resamples=cfg.n_resamples,
+            seed=cfg.seed,
         )
         assert summary["tuned"][name]["budget"] == expect.budget
         assert summary["tuned"][name]["dev_acc"] == pytest.approx(expect.accuracy)
@@ -165,6 +168,36 @@ def test_tuning_uses_only_the_dev_split() -> None:
     assert summary["n"] == len(test_ids) and summary["n_dev"] == len(dev_ids)
     # a strategy per method, rows = test items
     assert all(s.shape == (len(test_ids), 3) for s in strategies.values())
+
+
+def test_the_harness_tunes_by_the_same_rule() -> None:
+    # The harness keeps the policy's budget unless the dev evidence separates the dev-best:
+    # the same choose_budget decision as tune_budget, from each method's current budget.
+    items, s = _table_for_tuning(24)
+    sp = dev_test_split(items, 0.5, seed=3)
+    table, _ = score_table(items, s)
+    cfg = EvalConfig("t", seed=3, n_resamples=200)
+    dev_ids, test_ids = [it.id for it in sp.dev], [it.id for it in sp.test]
+    current = {"filter": (0.0, None), "safety-game": (1.0, 10.0)}
+    summary, _, _ = evaluate_mc(table, dev_ids, test_ids, cfg, ["G", *current], current)
+    dev = table.take_ids(dev_ids)
+    for name, cur in current.items():
+        betas = (None, 1.0, 10.0) if name == "safety-game" else (None,)
+        expect = tune_budget(
+            dev, name, cfg.budgets, betas=betas, current=cur, n_resamples=200, seed=3
+        )
+        got = summary["tuned"][name]
+        assert (got["budget"], got["beta"], got["adopted"]) == (
+            expect.budget,
+            expect.beta,
+            expect.adopted,
+        )
+        assert got["current"]["budget"] == cur[0] and got["best"]["budget"] == expect.best[0]
+        assert summary["methods"][name]["budget"] == expect.budget
+    # On every dev item T = 0 refuses the harmless right answer and T = 0.1 takes it: with
+    # >= 6 dev items that all agree, the evidence separates them and the filter moves.
+    assert len(dev_ids) >= 6
+    assert summary["tuned"]["filter"]["adopted"] and summary["tuned"]["filter"]["budget"] == 0.1
 
 
 def test_evaluate_mc_numbers_are_consistent() -> None:

@@ -1,4 +1,15 @@
-"""Calibrating the traffic-level budget: a price of risk from a dev set of scored prompts.
+"""Tuning a policy on dev data, written through one policy writer (:func:`write_policy`).
+
+Two things are tuned, each by its own ``safetygame tune`` mode:
+
+- **the budget** (``safetygame tune FILE``, :func:`tune_budget_from_data`): T (and beta for an
+  accuracy study) on the dev split of a user's labelled file (:mod:`safetygame.eval.custom`),
+  with the same split, scores and tuning rule as the benchmark harness
+  (:func:`safetygame.eval.stats.choose_budget`: the policy's budget is kept unless the dev
+  evidence separates the dev-best candidate from it). Readings go through the score cache;
+  the game is re-solved per candidate budget from them, with no further model call;
+- **the traffic-level price of risk** (``safetygame tune --from SCORED``, :func:`tune_price`),
+  described below.
 
 ``game.scope: traffic`` trades the per-prompt bound for a bound on the *mean* extra risk over
 the traffic the price was calibrated on (docs/method.md, "Traffic-level budget"). This module
@@ -24,21 +35,33 @@ import gzip
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from safetygame import game
-from safetygame.errors import ConfigError, SafetygameError
+from safetygame.errors import BackendError, ConfigError, SafetygameError
 from safetygame.policy import Policy, policy_from_dict, policy_yaml
 
+if TYPE_CHECKING:  # `ask` and `serve` import this module: the eval stack loads on use only
+    from safetygame.backends.base import Backend
+    from safetygame.cache import ScoreCache
+    from safetygame.eval.custom import CustomData
+    from safetygame.eval.harness import EvalConfig
+    from safetygame.eval.stats import BudgetChoice
+
 __all__ = [
+    "BudgetTuning",
     "ScoredPrompts",
     "TuneResult",
+    "budget_notes",
+    "check_budget_tunable",
     "read_scored",
     "traffic_notice",
+    "tune_budget_from_data",
     "tune_price",
     "write_policy",
 ]
@@ -212,17 +235,216 @@ def tune_price(policy: Policy, scored: ScoredPrompts) -> TuneResult:
     return TuneResult(cal, policy_from_dict(data, "<tuned>"), scored.skipped)
 
 
-def write_policy(policy: Policy, path: str | Path) -> Path:
+def write_policy(policy: Policy, path: str | Path, notes: Sequence[str] = ()) -> Path:
     """Write ``policy`` as YAML to ``path`` (a file, or a folder for its ``policy.yml``):
-    a temporary file renamed over the target, so a reader never sees half a policy."""
+    a temporary file renamed over the target, so a reader never sees half a policy.
+    ``notes`` become comment lines under the header (e.g. the dev metrics of a tuning)."""
     p = Path(path)
     if p.is_dir():
         p = p / "policy.yml"
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     head = "# Written by `safetygame tune`; every field is documented in docs/policy.md.\n"
+    head += "".join(f"# {line}\n" if line else "#\n" for n in notes for line in n.splitlines())
     try:
         tmp.write_text(head + policy_yaml(policy), encoding="utf-8")
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
     return p
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+@dataclass(frozen=True)
+class BudgetTuning:
+    """The policy with its dev-tuned budget, the rule's decision and the dev metrics.
+
+    ``metrics`` is what the written policy's comment and ``--json`` report: the study
+    (``kind``), the dev items, the score (``behaviour`` or ``accuracy``) of the chosen
+    budget, of the policy's current one and of the dev-best, and for the refusal study the
+    refusal rate on unsafe and over-refusal on safe dev prompts of the game at each of
+    those budgets and of the plain model.
+    """
+
+    policy: Policy
+    choice: BudgetChoice
+    kind: Literal["mc", "open"]
+    metrics: dict[str, Any]
+
+
+def check_budget_tunable(policy: Policy) -> None:
+    if policy.game.scope == "traffic":
+        raise ConfigError(
+            "game.scope is traffic: its price of risk was calibrated for the current budget. "
+            "Tune the budget on a policy with scope: prompt, then run `safetygame tune --from` "
+            "to calibrate the price again"
+        )
+
+
+def _tuned_policy(policy: Policy, choice: BudgetChoice, tune_beta: bool) -> Policy:
+    data = policy.model_dump(mode="json")
+    data["game"]["budget"] = choice.budget
+    if tune_beta:
+        data["game"]["beta"] = choice.beta
+        if choice.beta is None:  # the soft cap's smoothing has no soft cap left to smooth
+            data["game"]["temperature"] = None
+    return policy_from_dict(data, "<tuned>")
+
+
+async def tune_budget_from_data(
+    backend: Backend,
+    policy: Policy,
+    data: CustomData,
+    cfg: EvalConfig,
+    cache: ScoreCache | None,
+    *,
+    refusal_mode: Any = "pattern",
+    progress: bool = False,
+) -> BudgetTuning:
+    """Tune the policy's budget on the dev split of ``data`` (the split ``eval custom``
+    uses with the same seed and limit); only the dev items are read from the model.
+
+    Refusal study: T of the Safety Game by the behaviour score, the game played as the
+    harness plays it (hard budget; the policy's beta is left as it is). Accuracy study: T and
+    beta of ``safety-game`` by expected accuracy over the harness's grids. Both go through
+    :func:`safetygame.eval.stats.choose_budget` from the policy's current (T, beta).
+    """
+    from safetygame.eval import datasets
+    from safetygame.eval.harness import (
+        TUNED_METHODS,
+        current_candidate,
+        sample_and_split,
+        score_table,
+    )
+    from safetygame.eval.scoring import ScoringPass
+    from safetygame.eval.stats import tune_budget
+
+    check_budget_tunable(policy)
+    if data.kind == "mc":
+        dev_mc = list(sample_and_split(data.mc_items, cfg).dev)
+        scores = await ScoringPass(backend, policy, cache).run(
+            dev_mc, progress=progress, order=datasets.sample_order(dev_mc, cfg.seed)
+        )
+        table, failed = score_table(dev_mc, scores)
+        choice = tune_budget(
+            table,
+            "safety-game",
+            cfg.budgets,
+            current=current_candidate(policy.game, "safety-game"),
+            betas=TUNED_METHODS["safety-game"],
+            n_resamples=cfg.n_resamples,
+            confidence=cfg.confidence,
+            seed=cfg.seed,
+        )
+        metrics = _common_metrics(data, cfg, choice, "accuracy", len(failed))
+        return BudgetTuning(_tuned_policy(policy, choice, True), choice, "mc", metrics)
+    return await _tune_open(backend, policy, data, cfg, cache, refusal_mode, progress)
+
+
+async def _tune_open(
+    backend: Backend,
+    policy: Policy,
+    data: CustomData,
+    cfg: EvalConfig,
+    cache: ScoreCache | None,
+    refusal_mode: Any,
+    progress: bool,
+) -> BudgetTuning:
+    from safetygame.agent import Status
+    from safetygame.eval.harness import sample_and_split
+    from safetygame.eval.refusal import (
+        GAME,
+        decide_prompts,
+        decision_table,
+        dev_rates,
+        refusal_columns,
+        tune_open,
+    )
+
+    dev = list(sample_and_split(data.prompt_items, cfg).dev)
+    decisions, readings, _ = await decide_prompts(
+        backend, policy, dev, cfg, cache, mode=refusal_mode, progress=progress
+    )
+    ok = [i for i, d in enumerate(decisions) if d.status == Status.OK]
+    if not ok:
+        first = decisions[0]
+        raise BackendError(
+            f"{data.path}: no dev prompt got a decision; the first failed with "
+            f"{first.status.value}: {first.reason}"
+        )
+    table = decision_table([decisions[i] for i in ok])
+    refused = refusal_columns([readings[i] for i in ok], table.n_options)
+    labels = [dev[i].label for i in ok]
+    eps = policy.game.epsilon
+    choice = tune_open(table, refused, labels, cfg, current=policy.game.budget, epsilon=eps)[GAME]
+    metrics = _common_metrics(data, cfg, choice, "behaviour", len(dev) - len(ok))
+    metrics["n_safe"] = sum(1 for lab in labels if lab == "safe")
+    metrics["n_unsafe"] = len(labels) - metrics["n_safe"]
+    metrics["rates"] = {
+        "plain": dev_rates(table, refused, labels, None, eps),
+        "chosen": dev_rates(table, refused, labels, choice.budget, eps),
+        "current": dev_rates(table, refused, labels, choice.current[0], eps),
+        "best": dev_rates(table, refused, labels, choice.best[0], eps),
+    }
+    return BudgetTuning(_tuned_policy(policy, choice, False), choice, "open", metrics)
+
+
+def _common_metrics(
+    data: CustomData, cfg: EvalConfig, choice: BudgetChoice, score: str, n_failed: int
+) -> dict[str, Any]:
+    return {
+        "file": str(data.path),
+        "sha256": data.sha256,
+        "kind": data.kind,
+        "seed": cfg.seed,
+        "limit": cfg.limit,
+        "dev_fraction": cfg.dev_fraction,
+        "n_dev": choice.n,
+        "n_failed": n_failed,
+        "score": score,
+        **choice.summary(),
+    }
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _t(budget: float, beta: float | None) -> str:
+    return f"T = {budget:g}" + ("" if beta is None else f", beta = {beta:g}")
+
+
+def budget_notes(result: BudgetTuning) -> list[str]:
+    """The comment a tuned policy file carries: the decision and the dev metrics, in words
+    and as one JSON line (``dev metrics: {...}``) a script can read back."""
+    c, m = result.choice, result.metrics
+    study = "refusal study" if result.kind == "open" else "accuracy study"
+    verdict = "adopted the dev-best" if c.adopted else "kept the policy's budget"
+    lines = [
+        f"Budget tuned on the dev split of {m['file']} (sha256 {m['sha256'][:12]}, {study}, "
+        f"{c.n} dev item(s), seed {m['seed']})",
+        "Rule (docs/evaluation.md, Tuning rule): keep the policy's budget unless the paired "
+        "bootstrap interval of the dev-best minus it is above 0",
+        f"Decision: {verdict}, {_t(c.budget, c.beta)} ({c.reason})",
+        f"dev {m['score']} at {_t(c.budget, c.beta)}: {c.score:.3f} "
+        f"[{c.score_ci[0]:.3f}, {c.score_ci[1]:.3f}]; T picked on dev resamples: "
+        f"[{c.budget_ci[0]:g}, {c.budget_ci[1]:g}]",
+        f"dev-best {_t(*c.best)}: {c.best_score:.3f}; policy's {_t(*c.current)}: "
+        f"{c.current_score:.3f}",
+    ]
+    if "rates" in m:
+
+        def rate(r: dict[str, Any]) -> str:
+            return (
+                f"refusal (unsafe) {_opt(r['refusal_rate'])}, "
+                f"over-refusal (safe) {_opt(r['over_refusal'])}"
+            )
+
+        lines += [
+            f"dev game at chosen T: {rate(m['rates']['chosen'])}",
+            f"dev game at dev-best T: {rate(m['rates']['best'])}",
+            f"dev plain model: {rate(m['rates']['plain'])}",
+        ]
+    lines.append("dev metrics: " + json.dumps(m, sort_keys=True, default=str))
+    return lines

@@ -49,9 +49,11 @@ def _run_benchmark(
     progress: bool | None,
     as_json: bool,
     cache_only: bool,
+    data_file: Path | None = None,
 ) -> None:
     from safetygame.backends.base import Backend
     from safetygame.cache import ScoreCache
+    from safetygame.eval.custom import load_custom
     from safetygame.eval.refusal import Mode
     from safetygame.eval.runner import run_benchmark
     from safetygame.eval.scoring import CacheOnlyBackend
@@ -59,6 +61,11 @@ def _run_benchmark(
 
     if cache_only and upstream:
         raise ConfigError("--cache-only reads the cache of a packaged model: drop --upstream")
+    # The whole file is validated before any model loads or any log is written.
+    data = None if data_file is None else load_custom(data_file)
+    if data is not None:
+        benchmark = data.name
+    policy = load_policy(policy_ref)
 
     def backend() -> Backend:
         if cache_only:
@@ -68,15 +75,16 @@ def _run_benchmark(
     run = run_benchmark(
         benchmark,
         backend,
-        load_policy(policy_ref),
+        policy,
         ScoreCache(cache_path) if cache_path else ScoreCache(),
-        out or Path("results") / benchmark,
+        out or Path("results") / benchmark.replace(":", "-"),
         seed=seed,
         limit=limit,
         refusal_mode=cast(Mode, refusal_mode),
         upstream=upstream,
         progress=show_progress(progress, as_json),
         on_stop=lambda message: click.echo(message, err=True),
+        data=data,
     )
     if run.stopped_by is not None:
         raise SystemExit(128 + run.stopped_by)
@@ -134,6 +142,8 @@ def render_results(r: dict[str, Any]) -> str:
 
 
 def _benchmark_command(name: str) -> Callable[..., None]:
+    default_out = "results/custom-<file stem>/" if name == "custom" else f"results/{name}/"
+
     @backend_options
     @policy_option
     @click.option(
@@ -147,7 +157,7 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         "--out",
         type=click.Path(path_type=Path),
         default=None,
-        help=f"Where to save the EvalLog [default: results/{name}/].",
+        help=f"Where to save the EvalLog [default: {default_out}].",
     )
     @cache_option
     @click.option(
@@ -171,11 +181,22 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         _run_benchmark(name, **kwargs)
 
     command.__doc__ = f"Evaluate on {name} (see docs/evaluation.md)."
+    if name == "custom":
+        file_type = click.Path(exists=True, dir_okay=False, path_type=Path)
+        command = click.argument("data_file", metavar="FILE", type=file_type)(command)
+        command.__doc__ = (
+            "Evaluate on your own FILE: JSONL or CSV of prompts labelled safe/unsafe "
+            "(refusal study) or of multiple-choice items (accuracy study). Same split, "
+            "methods, intervals and report as the benchmarks; formats in docs/evaluation.md."
+        )
     return command
 
 
 for _name in BENCHMARK_NAMES:
     eval_group.command(_name)(_benchmark_command(_name))
+
+
+eval_group.command("custom")(_benchmark_command("custom"))
 
 
 @eval_group.command("report")

@@ -42,8 +42,8 @@ from safetygame.eval.methods import (
     run_method,
 )
 from safetygame.eval.scoring import ItemScores, RunTally, ScoringPass
-from safetygame.eval.stats import bootstrap_ci, paired_bootstrap, tune_budget
-from safetygame.policy import Policy
+from safetygame.eval.stats import Candidate, bootstrap_ci, paired_bootstrap, tune_budget
+from safetygame.policy import GameSettings, Policy
 
 __all__ = [
     "BUDGET_GRID",
@@ -54,12 +54,14 @@ __all__ = [
     "TUNED_METHODS",
     "EvalConfig",
     "EvalLog",
+    "current_candidate",
     "dev_test_split",
     "evaluate_mc",
     "expected_helpfulness",
     "load_items",
     "read_eval_log",
     "run_mc",
+    "sample_and_split",
     "score_table",
     "write_eval_log",
 ]
@@ -114,6 +116,14 @@ class EvalConfig:
             raise ConfigError("budgets must be a non-empty list of finite numbers >= 0")
 
 
+def current_candidate(game: GameSettings, method: str) -> Candidate:
+    """The (T, beta) a policy's ``game`` plays now, as ``method`` reads it: a method tuned
+    without a beta (the filter, the pooled game) keeps the policy's T with the hard budget.
+    The tuning rule starts from it (:func:`~safetygame.eval.stats.choose_budget`)."""
+    betas = TUNED_METHODS.get(method, (None,))
+    return (game.budget, game.beta if betas != (None,) else None)
+
+
 # --------------------------------------------------------------------------- items & splits
 
 
@@ -143,6 +153,13 @@ def dev_test_split(items: Sequence[ItemT], dev_fraction: float, seed: int) -> Sp
         return out
     k = min(len(items) - 1, max(1, round(dev_fraction * len(items))))
     return datasets.split(items, n_dev=k, seed=seed)
+
+
+def sample_and_split(items: Sequence[ItemT], cfg: EvalConfig) -> Split[ItemT]:
+    """``cfg.limit`` seeded items (all when None), then :func:`dev_test_split`."""
+    if cfg.limit is not None:
+        items = datasets.subsample(items, cfg.limit, cfg.seed)
+    return dev_test_split(items, cfg.dev_fraction, cfg.seed)
 
 
 # --------------------------------------------------------------------------- score table
@@ -216,8 +233,13 @@ def evaluate_mc(
     test_ids: Sequence[str],
     cfg: EvalConfig,
     methods: Sequence[str] | None = None,
+    current: Mapping[str, Candidate] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, FloatArray]]:
     """Tune on ``dev_ids``, report on ``test_ids``.
+
+    Tuning follows :func:`~safetygame.eval.stats.choose_budget`: each budgeted method keeps
+    its ``current`` (T, beta) (the policy's, :func:`current_candidate`; by default the policy
+    file's default game settings) unless the dev evidence separates the dev-best grid point.
 
     Returns (summary, curves, strategies): the summary has ``methods`` (per method: expected
     and argmax accuracy with intervals, refusal rate, extra risk, helpfulness, params),
@@ -238,8 +260,18 @@ def evaluate_mc(
     params: dict[str, MethodParams] = {}
     for name in names:
         if name in TUNED_METHODS:
-            res = tune_budget(dev, name, cfg.budgets, betas=TUNED_METHODS[name])
-            tuned[name] = {"budget": res.budget, "beta": res.beta, "dev_acc": res.accuracy}
+            cur = (current or {}).get(name) or current_candidate(GameSettings(), name)
+            res = tune_budget(
+                dev,
+                name,
+                cfg.budgets,
+                current=cur,
+                betas=TUNED_METHODS[name],
+                n_resamples=cfg.n_resamples,
+                confidence=cfg.confidence,
+                seed=cfg.seed,
+            )
+            tuned[name] = {**res.summary(), "dev_acc": res.score}
             params[name] = MethodParams(budget=res.budget, beta=res.beta)
         else:
             params[name] = MethodParams()
@@ -413,13 +445,18 @@ async def run_mc(
     *,
     progress: bool = True,
     tally: RunTally | None = None,
+    items: Sequence[MCItem] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Score a multiple-choice benchmark (cached), then evaluate every method.
 
     Returns (summary, curves, per-item records); see :func:`evaluate_mc`. ``tally`` follows
-    the scoring pass (what an interrupted run finished).
+    the scoring pass (what an interrupted run finished). ``items`` replaces the benchmark's
+    (``eval custom``); ``cfg.limit`` sub-samples them the same way.
     """
-    items = load_items(cfg.benchmark, cfg.seed, cfg.limit)
+    if items is None:
+        items = load_items(cfg.benchmark, cfg.seed, cfg.limit)
+    elif cfg.limit is not None:
+        items = datasets.subsample(items, cfg.limit, cfg.seed)
     sp = dev_test_split(items, cfg.dev_fraction, cfg.seed)
     # Nested-sample order: an interrupted --limit 500 run has finished a smaller sample.
     order = datasets.sample_order(items, cfg.seed)
@@ -430,7 +467,8 @@ async def run_mc(
     kept = set(table.ids)
     dev_ids = [it.id for it in sp.dev if it.id in kept]
     test_ids = [it.id for it in sp.test if it.id in kept]
-    summary, curves, strategies = evaluate_mc(table, dev_ids, test_ids, cfg)
+    current = {name: current_candidate(policy.game, name) for name in TUNED_METHODS}
+    summary, curves, strategies = evaluate_mc(table, dev_ids, test_ids, cfg, current=current)
     summary = {**summary, "n_failed": len(failed), "failed_ids": list(failed)}
     split_of = {it.id: "dev" for it in sp.dev} | {it.id: "test" for it in sp.test}
     records = item_records(items, scores, split_of, test_ids, strategies)

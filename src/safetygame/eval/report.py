@@ -80,13 +80,13 @@ def markdown(logs: list[EvalLog]) -> str:
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out += [
             "",
-            "Tuned on the dev split (T, beta; dev accuracy) and paired bootstrap of "
-            "the Safety Game (fallback b) against G:",
+            "Tuned on the dev split (T, beta; dev accuracy; the tuning rule's decision, "
+            "docs/evaluation.md) and paired bootstrap of the Safety Game (fallback b) against G:",
             "",
         ]
         for g in mc:
             tuned = ", ".join(
-                f"{k}: T={v['budget']:g}, beta={v['beta']}, dev {v['dev_acc']:.3f}"
+                f"{k}: T={v['budget']:g}, beta={v['beta']}, dev {v['dev_acc']:.3f}{_rule(v)}"
                 for k, v in g.results["tuned"].items()
             )
             pair = g.results["paired"].get("safety-game-baseline", {}).get("G")
@@ -133,6 +133,13 @@ def markdown(logs: list[EvalLog]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+def _rule(tuned: dict[str, Any]) -> str:
+    """What the tuning rule did (logs written before the rule say nothing)."""
+    if "adopted" not in tuned:
+        return ""
+    return " (dev-best, adopted)" if tuned["adopted"] else " (policy's, kept)"
 
 
 def _num(x: float | None) -> str:

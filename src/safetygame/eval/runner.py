@@ -21,7 +21,15 @@ from typing import Any, Literal
 
 from safetygame.backends.base import Backend
 from safetygame.cache import ScoreCache
-from safetygame.eval.harness import MC_BENCHMARKS, EvalConfig, EvalLog, run_mc, write_eval_log
+from safetygame.eval.custom import CustomData, describe
+from safetygame.eval.harness import (
+    MC_BENCHMARKS,
+    EvalConfig,
+    EvalLog,
+    run_mc,
+    sample_and_split,
+    write_eval_log,
+)
 from safetygame.eval.refusal import Mode, run_open
 from safetygame.eval.scoring import CachingBackend, RunTally
 from safetygame.policy import Policy
@@ -62,8 +70,12 @@ def run_benchmark(
     upstream: str | None = None,
     progress: bool = False,
     on_stop: Callable[[str], None] | None = None,
+    data: CustomData | None = None,
 ) -> BenchmarkRun:
     """Evaluate ``policy`` on ``benchmark`` and save the EvalLog under ``out_dir``.
+
+    ``data`` is a user's validated file (``eval custom``): its items replace the benchmark's,
+    its kind picks the study, and ``benchmark`` names the run (``data.name``).
 
     ``open_backend`` makes the (unopened) backend inside the run's event loop; its readings
     go through ``cache``. ``upstream`` is only recorded in the log's config. ``on_stop``
@@ -82,6 +94,7 @@ def run_benchmark(
         upstream,
         progress,
         on_stop,
+        data,
     ).execute()
 
 
@@ -101,6 +114,7 @@ class _Run:
         upstream: str | None,
         progress: bool,
         on_stop: Callable[[str], None] | None,
+        data: CustomData | None = None,
     ) -> None:
         self.benchmark = benchmark
         self.open_backend = open_backend
@@ -111,7 +125,10 @@ class _Run:
         self.progress = progress
         self.on_stop = on_stop
         self.cfg = EvalConfig(benchmark=benchmark, seed=seed, limit=limit)
-        self.kind: Literal["mc", "open"] = "mc" if benchmark in MC_BENCHMARKS else "open"
+        self.data = data
+        self.kind: Literal["mc", "open"] = (
+            data.kind if data is not None else "mc" if benchmark in MC_BENCHMARKS else "open"
+        )
         self.config: dict[str, Any] = {
             "benchmark": benchmark,
             "seed": seed,
@@ -123,6 +140,8 @@ class _Run:
             "cache": str(cache.path) if cache.path else None,
             "refusal_mode": refusal_mode if self.kind == "open" else None,
         }
+        if data is not None:
+            self.config["data"] = describe(data)
         self.tally = RunTally()
         self.stopped_by = signal.SIGINT  # asyncio.run turns Ctrl-C into a cancellation
         self.stop: tuple[str, Path] | None = None  # the recorded stop: message, log
@@ -187,8 +206,14 @@ class _Run:
                         self.cache,
                         progress=self.progress,
                         tally=self.tally,
+                        items=None if self.data is None else self.data.mc_items,
                     )
                 else:
+                    split = (
+                        None
+                        if self.data is None
+                        else sample_and_split(self.data.prompt_items, self.cfg)
+                    )
                     res = await run_open(
                         backend,
                         self.policy,
@@ -197,6 +222,7 @@ class _Run:
                         mode=self.refusal_mode,
                         progress=self.progress,
                         tally=self.tally,
+                        prompts=None if split is None else (split.dev, split.test),
                     )
             except asyncio.CancelledError:
                 # Say what finished before the backend closes: closing an embedded llama.cpp
