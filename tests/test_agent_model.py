@@ -118,12 +118,15 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
     except ConfigError as exc:  # the benchmark texts are not committed (licences, size)
         pytest.skip(f"benchmark data not available: {exc}")
     data = SMALL.model_dump(mode="json")
-    data["sampling"].update(mode="adaptive", n=2, max_tokens=16)
+    data["sampling"].update(mode="adaptive", n=2, max_tokens=8)
     policy_file = tmp_path / "policy.yml"
     policy_file.write_text(json.dumps(data))
+    data["sampling"]["mode"] = "fixed"  # the baseline, decided in the same run
+    fixed_file = tmp_path / "fixed.yml"
+    fixed_file.write_text(json.dumps(data))
     out = _cli(
         "bench", "latency", "--mix", "--limit", "2", "--model", "smollm2-135m",
-        "--policy", str(policy_file), "--json",
+        "--policy", str(policy_file), "--baseline-policy", str(fixed_file), "--json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)
@@ -136,8 +139,14 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
         assert g["plain_ttft_s_median"] > 0 and g["safetygame_ttft_s_median"] > 0
     for r in res["runs"]:
         assert r["ratio"] == pytest.approx(r["decision_s"] / r["plain_s"])
-        assert all(1 <= k <= 16 for k in r["candidate_tokens"]) and r["plain_tokens"] <= 16
-    assert res["lengths"]["max_tokens"] == 16
+        assert all(1 <= k <= 8 for k in r["candidate_tokens"]) and r["plain_tokens"] <= 8
+    assert res["lengths"]["max_tokens"] == 8
+    base = res["baseline"]
+    assert base["sampling_mode"] == "fixed" and set(base["by_path"]) == {"fixed"}
+    assert base["by_path"]["fixed"]["share"] == 1.0
+    # the same plain answers serve both policies: one run, side by side
+    assert [r["plain_s"] for r in base["runs"]] == [r["plain_s"] for r in res["runs"]]
+    assert all(len(r["candidate_tokens"]) == 2 for r in base["runs"])
 
 
 def test_cli_ask_bad_budget_is_one_line_error() -> None:

@@ -96,40 +96,51 @@ async def plain_answer(
     return s.completion, s.total_s, s.first_token_s
 
 
-async def paired_run(
+async def paired_runs(
     backend: Backend,
-    agent: SafetyGame,
+    agents: Sequence[SafetyGame],
     prompt_id: str,
     kind: str,
     prompt: str,
     cfg: SamplingConfig,
-) -> PairedRun:
-    """Plain answer, then decision, on one prompt. The decision is given the plain answer's
-    ``max_tokens`` and ``stop``, so both arms generate under identical length limits. Its
-    time to first token is when the first chunk of the chosen answer is ready to send: the
-    decision (streaming starts only after it), plus building that chunk; a gateway adds its
-    audit write (``server-timing: audit``)."""
+    rotate: int = 0,
+) -> list[PairedRun]:
+    """A plain answer, then one decision per agent, back to back on one prompt (the agents'
+    order rotated by ``rotate``, so none always runs right after the plain answer); one
+    :class:`PairedRun` per agent, in ``agents`` order, sharing the plain answer.
+
+    Each decision is given the plain answer's ``max_tokens`` and ``stop``, so all arms
+    generate under identical length limits. A decision's time to first token is when the
+    first chunk of its chosen answer is ready to send: the decision (streaming starts only
+    after it), plus building that chunk; a gateway adds its audit write (``server-timing:
+    audit``)."""
     chat = [Message("user", prompt)]
     plain, plain_s, plain_ttft = await plain_answer(backend, chat, cfg)
-    t = time.perf_counter()
-    decision = await agent.arespond(chat, seed=cfg.seed, max_tokens=cfg.max_tokens, stop=cfg.stop)
-    decision_s = time.perf_counter() - t
-    next(stream_events(decision, "safetygame", "bench"))  # the first chunk a client receives
-    ttft = time.perf_counter() - t
-    return PairedRun(
-        prompt_id=prompt_id,
-        kind=kind,
-        plain_s=plain_s,
-        plain_ttft_s=plain_ttft,
-        plain_tokens=plain.completion_tokens,
-        decision_s=decision_s,
-        decision_ttft_s=ttft,
-        candidate_tokens=tuple(c.completion_tokens for c in decision.candidates[1:]),
-        path=str(decision.extra.get("path", "failed")),
-        action=decision.action,
-        status=decision.status.value,
-        timings=dict(decision.timings),
-    )
+    order = [(k + rotate) % len(agents) for k in range(len(agents))]
+    out: dict[int, PairedRun] = {}
+    for k in order:
+        t = time.perf_counter()
+        decision = await agents[k].arespond(
+            chat, seed=cfg.seed, max_tokens=cfg.max_tokens, stop=cfg.stop
+        )
+        decision_s = time.perf_counter() - t
+        next(stream_events(decision, "safetygame", "bench"))  # the first chunk a client gets
+        ttft = time.perf_counter() - t
+        out[k] = PairedRun(
+            prompt_id=prompt_id,
+            kind=kind,
+            plain_s=plain_s,
+            plain_ttft_s=plain_ttft,
+            plain_tokens=plain.completion_tokens,
+            decision_s=decision_s,
+            decision_ttft_s=ttft,
+            candidate_tokens=tuple(c.completion_tokens for c in decision.candidates[1:]),
+            path=str(decision.extra.get("path", "failed")),
+            action=decision.action,
+            status=decision.status.value,
+            timings=dict(decision.timings),
+        )
+    return [out[k] for k in range(len(agents))]
 
 
 def _sampling(policy: Policy, seed: int) -> SamplingConfig:
@@ -184,9 +195,8 @@ async def run_latency(
     runs: list[PairedRun] = []
     for i, prompt in enumerate(tqdm(prompts, desc="latency", disable=not progress)):
         cfg = _sampling(policy, seed + i)
-        runs.append(
-            await paired_run(backend, agent, f"fixed/{i % len(PROMPTS)}", "fixed", prompt, cfg)
-        )
+        pid = f"fixed/{i % len(PROMPTS)}"
+        runs += await paired_runs(backend, [agent], pid, "fixed", prompt, cfg)
     plain = [r.plain_s for r in runs]
     full = [r.decision_s for r in runs]
     stages = [r.timings for r in runs]
@@ -226,6 +236,7 @@ async def run_latency(
 
 
 def _group(runs: Sequence[PairedRun], total: int) -> dict[str, Any]:
+    """Share, ratio median / p90 and times to first token of some of an arm's runs."""
     ratios = [r.ratio for r in runs]
     return {
         "prompts": len(runs),
@@ -240,41 +251,59 @@ def _group(runs: Sequence[PairedRun], total: int) -> dict[str, Any]:
     }
 
 
-async def run_latency_mix(
-    backend: Backend,
-    policy: Policy,
-    prompts: Sequence[MixPrompt],
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The mix benchmark: per prompt a plain answer then a decision (ABAB, one run, so the
-    arms see the same machine load), grouped by the path each decision took (``fast`` /
-    ``full`` under adaptive sampling, ``fixed`` otherwise), with each group's share of the
-    prompts, the median and p90 of the per-prompt ratio decision / plain, and the times to
-    first token."""
-    if not prompts:
-        raise ConfigError("the latency mix is empty (--limit must be >= 1)")
-    agent = SafetyGame(backend, policy, cache=ScoreCache(None))
-    runs: list[PairedRun] = []
-    for i, p in enumerate(tqdm(prompts, desc="latency mix", disable=not progress)):
-        runs.append(
-            await paired_run(backend, agent, p.id, p.kind, p.prompt, _sampling(policy, seed + i))
-        )
+def _arm(policy: Policy, runs: Sequence[PairedRun], seed: int) -> dict[str, Any]:
+    """One policy's part of the mix report."""
     paths = sorted({r.path for r in runs})
     kinds = sorted({r.kind for r in runs})
     return {
-        "model_id": backend.model_id,
         "policy": policy.ref,
         "sampling_mode": policy.sampling.mode,
         "candidates": policy.sampling.n,
-        "prompts": len(runs),
-        "mix": {k: sum(r.kind == k for r in runs) for k in kinds},
         "all": _group(runs, len(runs)),
         "by_path": {p: _group([r for r in runs if r.path == p], len(runs)) for p in paths},
         "by_kind": {k: _group([r for r in runs if r.kind == k], len(runs)) for k in kinds},
         "lengths": _lengths(runs, _sampling(policy, seed)),
         "runs": [r.to_dict() for r in runs],
     }
+
+
+async def run_latency_mix(
+    backend: Backend,
+    policy: Policy,
+    prompts: Sequence[MixPrompt],
+    seed: int = 0,
+    progress: bool = True,
+    baseline: Policy | None = None,
+) -> dict[str, Any]:
+    """The mix benchmark: per prompt a plain answer then a decision (ABAB, one run, so the
+    arms see the same machine load), grouped by the path each decision took (``fast`` /
+    ``full`` under adaptive sampling, ``fixed`` otherwise), with each group's share of the
+    prompts, the median and p90 of the per-prompt ratio decision / plain, and the times to
+    first token. With ``baseline`` (e.g. the same policy with ``sampling.mode: fixed``), each
+    prompt is also decided under it, right after or before the policy's decision (alternating),
+    so the two policies are compared in the same run against the same plain answers; its
+    report is under ``baseline``."""
+    if not prompts:
+        raise ConfigError("the latency mix is empty (--limit must be >= 1)")
+    agents = [SafetyGame(backend, policy, cache=ScoreCache(None))]
+    if baseline is not None:
+        agents.append(SafetyGame(backend, baseline, cache=ScoreCache(None)))
+    arms: list[list[PairedRun]] = [[] for _ in agents]
+    for i, p in enumerate(tqdm(prompts, desc="latency mix", disable=not progress)):
+        cfg = _sampling(policy, seed + i)
+        runs = await paired_runs(backend, agents, p.id, p.kind, p.prompt, cfg, rotate=i)
+        for arm, run in zip(arms, runs, strict=True):
+            arm.append(run)
+    kinds = sorted({r.kind for r in arms[0]})
+    out = {
+        "model_id": backend.model_id,
+        "prompts": len(arms[0]),
+        "mix": {k: sum(r.kind == k for r in arms[0]) for k in kinds},
+        **_arm(policy, arms[0], seed),
+    }
+    if baseline is not None:
+        out["baseline"] = _arm(baseline, arms[1], seed)
+    return out
 
 
 def _median_stage(stages: list[dict[str, float]], key: str) -> float | None:

@@ -35,6 +35,13 @@ from safetygame.policy import load_policy
     default=None,
     help="With --mix: run only the first N prompts of the mix (it keeps its proportions).",
 )
+@click.option(
+    "--baseline-policy",
+    "baseline_ref",
+    default=None,
+    help="With --mix: also decide every prompt under this policy, in the same run (e.g. the "
+    "same policy with sampling.mode: fixed), for a before/after comparison.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--decode-tokens",
@@ -53,6 +60,7 @@ def latency(
     n_prompts: int,
     mix: bool,
     limit: int | None,
+    baseline_ref: str | None,
     seed: int,
     decode_tokens: int,
     as_json: bool,
@@ -62,15 +70,18 @@ def latency(
     from safetygame.bench.latency import run_latency, run_latency_mix
     from safetygame.bench.mix import load_mix
 
-    if limit is not None and not mix:
-        raise click.UsageError("--limit applies to --mix (use --prompts for the fixed set)")
+    if (limit is not None or baseline_ref is not None) and not mix:
+        raise click.UsageError("--limit and --baseline-policy apply to --mix")
     policy = load_policy(policy_ref)
+    baseline = load_policy(baseline_ref) if baseline_ref is not None else None
     prompts = load_mix(limit=limit) if mix else []  # data problems surface before the model loads
 
     async def run() -> dict[str, Any]:
         async with open_backend(model, upstream, api_key) as backend:
             if mix:
-                return await run_latency_mix(backend, policy, prompts, seed, not as_json)
+                return await run_latency_mix(
+                    backend, policy, prompts, seed, not as_json, baseline=baseline
+                )
             return await run_latency(backend, policy, n_prompts, seed, not as_json, decode_tokens)
 
     out = asyncio.run(run())
@@ -101,16 +112,18 @@ def _s(x: float | None) -> str:
 
 def _echo_mix(out: dict[str, Any]) -> None:
     mix = ", ".join(f"{n} {k}" for k, n in out["mix"].items())
-    click.echo(
-        f"model {out['model_id']}, policy {out['policy']} (sampling {out['sampling_mode']}, "
-        f"m = {out['candidates']}), {out['prompts']} prompts ({mix})"
-    )
-    click.echo("path   share  ratio median  ratio p90  first token: plain  decision")
-    for name, g in [*out["by_path"].items(), ("all", out["all"])]:
-        click.echo(
-            f"{name:<6} {g['share']:>5.0%}  {g['ratio_median']:>12.2f}  {g['ratio_p90']:>9.2f}"
-            f"  {_s(g['plain_ttft_s_median']):>18}  {_s(g['safetygame_ttft_s_median']):>8}"
-        )
+    click.echo(f"model {out['model_id']}, {out['prompts']} prompts ({mix})")
+    for arm in [out, out.get("baseline")]:
+        if arm is None:
+            continue
+        click.echo(f"{arm['policy']} (sampling {arm['sampling_mode']}, m = {arm['candidates']})")
+        click.echo("  path   share  ratio median  ratio p90  first token: plain  decision")
+        for name, g in [*arm["by_path"].items(), ("all", arm["all"])]:
+            click.echo(
+                f"  {name:<6} {g['share']:>5.0%}  {g['ratio_median']:>12.2f}  "
+                f"{g['ratio_p90']:>9.2f}  {_s(g['plain_ttft_s_median']):>18}  "
+                f"{_s(g['safetygame_ttft_s_median']):>8}"
+            )
 
 
 @bench.command("injection")
