@@ -194,3 +194,27 @@ async def test_followup_read_goes_back_to_the_candidates_slot(llama_server_url: 
     cached = await asyncio.create_task(probe(c.slot))
     assert cached >= c.prompt_tokens  # at least the chat was not read again
     await b.aclose()
+
+
+@pytest.mark.model
+async def test_stream_times_the_first_token(llama_server_url: str) -> None:
+    b = OpenAICompatBackend(llama_server_url)
+    cfg = SamplingConfig(temperature=0.0, max_tokens=12)
+    s = await b.stream([Message("user", "Count from one to ten in words.")], cfg)
+    assert s.completion.text and 1 <= s.completion.completion_tokens <= 12
+    assert s.first_token_s is not None and 0 < s.first_token_s <= s.total_s
+    (plain,) = await b.sample([Message("user", "Count from one to ten in words.")], 1, cfg)
+    assert s.completion.text == plain.text  # greedy: the same answer, streamed or not
+    await b.aclose()
+
+
+async def test_sample_cache_keys_include_stop_sequences() -> None:
+    from safetygame.cache import ScoreCache
+    from safetygame.eval.scoring import CachingBackend
+
+    double = OpenAINChoicesDouble()
+    cached = CachingBackend(double.backend(), ScoreCache(None))
+    for stop in [(), ("\n",), ()]:
+        await cached.sample(CHAT, 1, SamplingConfig(seed=1, stop=stop))
+    assert cached.model_calls == 2  # the third is the first's cache hit
+    await cached.aclose()
