@@ -6,7 +6,9 @@
   llama.cpp server (``GET /props`` names its slots) draws each candidate in its own request
   on a pinned slot (``id_slot``, round robin), so a ``followup`` probe can go back to the slot
   that holds the candidate's prefix (``PREFIX_SLOT``) and each candidate's usage is its own
-  (llama.cpp takes ``n`` only up to its slot count and reports one choice's usage); any other
+  (llama.cpp takes ``n`` only up to its slot count and reports one choice's usage; the price
+  of pinning: under concurrent decisions a request may wait for its slot while another slot
+  is idle, which llama.cpp's own slot choice would have used); any other
   server is sent ``n = m`` once: m choices make it an ``n`` upstream; fewer, or a 4xx for the
   field, make it an ``each`` upstream (the choices that came are kept, the rest drawn one by
   one). An ``n`` server reports only the total completion tokens, so each choice is given a

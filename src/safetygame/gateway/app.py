@@ -453,6 +453,7 @@ class Gateway:
         cancels the decision."""
         interval = self.settings.stream_keepalive
         try:
+            yield ": keep-alive\n\n"  # bytes with the headers: the wait is already one interval
             while not decide.done():
                 done, _ = await asyncio.wait({decide}, timeout=interval)
                 if not done:
