@@ -12,7 +12,15 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from safetygame.agent import SafetyGame, Status
-from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
+from safetygame.backends.base import (
+    PREFIX_SLOT,
+    Backend,
+    Completion,
+    LogLik,
+    Message,
+    SamplingConfig,
+    YesNo,
+)
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendTimeout, ConfigError
 from safetygame.policy import Policy, load_policy, policy_from_dict, policy_yaml
@@ -222,6 +230,7 @@ def policy_with(
 
 
 ADAPTIVE = {"mode": "adaptive", "fast_path_helpfulness": 0.5}
+LIMITS = {"max_tokens": POLICY.sampling.max_tokens, "stop": []}  # the candidates' limits
 MILD = "Descale with citric acid."
 
 
@@ -229,7 +238,8 @@ def test_adaptive_fast_path_answers_with_the_first_candidate() -> None:
     table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
     be = SeededBackendDouble([SAFE, RISKY, MILD], scores(table))
     d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
-    assert d.status is Status.OK and d.extra == {"path": "fast", "drawn": 1, "scope": "prompt"}
+    assert d.status is Status.OK
+    assert d.extra == {"path": "fast", "drawn": 1, "scope": "prompt", **LIMITS}
     assert be.draws == [(1, 0)]  # one candidate drawn, nothing else
     assert [c.text for c in d.candidates] == [POLICY.refusal, SAFE]
     assert d.chosen_text == SAFE and d.strategy == (0.0, 1.0)
@@ -241,7 +251,7 @@ def test_adaptive_full_path_reuses_the_first_and_matches_fixed() -> None:
     table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
     be = SeededBackendDouble([RISKY, SAFE, MILD], scores(table))
     d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
-    assert d.extra == {"path": "full", "drawn": 3, "scope": "prompt"}
+    assert d.extra == {"path": "full", "drawn": 3, "scope": "prompt", **LIMITS}
     assert be.draws == [(1, 0), (2, 1)]  # the rest start at seed + 1
     assert len(be.probes) == 8  # the refusal and candidate 1 are read once
     fixed_be = SeededBackendDouble([RISKY, SAFE, MILD], scores(table))
@@ -337,3 +347,69 @@ def test_adaptive_second_draw_failure_fails_closed_with_what_it_saw() -> None:
     assert d.status is Status.GENERATION_FAILED and d.refused and "upstream slow" in d.reason
     assert [c.text for c in d.candidates] == [POLICY.refusal, RISKY]
     assert d.extra == {"path": "full", "drawn": 1}
+
+
+class InFlightBackendDouble(ScriptedBackendDouble):
+    """Test double: records each draw's sampling config and how many probe reads are in
+    flight at once; candidate i comes back generated on slot i (as a llama.cpp backend that
+    pins slots reports it), and each read records the ``PREFIX_SLOT`` it carried."""
+
+    def __init__(self, answers: Sequence[str], p_yes: Callable[[str, str], float]) -> None:
+        super().__init__(answers, p_yes)
+        self.configs: list[SamplingConfig] = []
+        self.in_flight = self.peak = 0
+        self.slots_seen: list[tuple[str, int | None]] = []
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        self.configs.append(config)
+        return [
+            Completion(self.answers[i % len(self.answers)], completion_tokens=5, slot=i)
+            for i in range(n)
+        ]
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(0.01)  # every read waits here: the peak counts those started
+        self.in_flight -= 1
+        if messages[-1].content.startswith("Look back at your reply"):  # followup layout
+            self.slots_seen.append((messages[-2].content, PREFIX_SLOT.get()))
+            return YesNo(0.1, "logprobs", 1.0)
+        return await super().yes_no(messages)
+
+
+def test_candidates_get_the_callers_length_limits() -> None:
+    be = InFlightBackendDouble([SAFE, MILD], scores({SAFE: (0.8, 0.01), MILD: (0.7, 0.02)}))
+    agent = agent_for(be)
+    d = agent.respond("How do I descale a kettle?", max_tokens=7, stop=["\n\n", "User:"])
+    assert (be.configs[0].max_tokens, be.configs[0].stop) == (7, ("\n\n", "User:"))
+    assert d.extra["max_tokens"] == 7 and d.extra["stop"] == ["\n\n", "User:"]
+    agent.respond("How do I descale a kettle?", max_tokens=10**6)  # never above the policy's
+    assert be.configs[1].max_tokens == POLICY.sampling.max_tokens and be.configs[1].stop == ()
+    with pytest.raises(ConfigError, match="max_tokens"):
+        agent.respond("x", max_tokens=0)
+
+
+def test_every_read_of_a_decision_goes_out_at_once() -> None:
+    be = InFlightBackendDouble([SAFE, MILD], scores({SAFE: (0.8, 0.01), MILD: (0.7, 0.02)}))
+    pol = policy_with({"n": 4})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("How do I descale a kettle?")
+    assert d.status is Status.OK
+    assert be.peak == 5 * 2  # (4 candidates + the refusal) x (helpfulness + harm)
+
+
+def test_followup_reads_carry_the_candidates_slot() -> None:
+    be = InFlightBackendDouble(["Answer zero.", "Answer one."], scores({}))
+    data = POLICY.model_dump()
+    data["sampling"]["n"] = 2
+    data["scorers"] = {"helpfulness": "followup", "harm": "followup"}
+    d = SafetyGame(be, policy_from_dict(data), cache=ScoreCache(None)).respond("Say something.")
+    assert d.status is Status.OK
+    seen = sorted(be.slots_seen)
+    # two reads (helpfulness, harm) per candidate, each sent to the slot that generated it;
+    # the refusal was generated nowhere: no slot
+    assert seen == sorted(
+        [("Answer zero.", 0)] * 2 + [("Answer one.", 1)] * 2 + [(POLICY.refusal, None)] * 2
+    )

@@ -98,6 +98,55 @@ def test_bench_latency_small_model(tmp_path: Path) -> None:
     assert res["ratio_floor"] == pytest.approx(
         SMALL.sampling.n * res["decode_tok_s_1"] / res["decode_tok_s_m"]
     )
+    # both arms under the same limits, both lengths and both times to first token reported
+    lengths, (run,) = res["lengths"], res["runs"]
+    assert lengths["max_tokens"] == SMALL.sampling.max_tokens
+    assert 1 <= run["plain_tokens"] <= SMALL.sampling.max_tokens
+    assert len(run["candidate_tokens"]) == SMALL.sampling.n
+    assert all(1 <= k <= SMALL.sampling.max_tokens for k in run["candidate_tokens"])
+    assert 0 < res["plain_ttft_s"] <= res["plain_s"]
+    assert res["safetygame_ttft_s"] >= res["safetygame_s"]  # streaming starts after deciding
+
+
+@pytest.mark.model
+def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
+    from safetygame.bench.mix import load_mix
+    from safetygame.errors import ConfigError
+
+    try:
+        expected = load_mix(limit=2)
+    except ConfigError as exc:  # the benchmark texts are not committed (licences, size)
+        pytest.skip(f"benchmark data not available: {exc}")
+    data = SMALL.model_dump(mode="json")
+    data["sampling"].update(mode="adaptive", n=2, max_tokens=8)
+    policy_file = tmp_path / "policy.yml"
+    policy_file.write_text(json.dumps(data))
+    data["sampling"]["mode"] = "fixed"  # the baseline, decided in the same run
+    fixed_file = tmp_path / "fixed.yml"
+    fixed_file.write_text(json.dumps(data))
+    out = _cli(
+        "bench", "latency", "--mix", "--limit", "2", "--model", "smollm2-135m",
+        "--policy", str(policy_file), "--baseline-policy", str(fixed_file), "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["prompts"] == 2 and [r["prompt_id"] for r in res["runs"]] == [p.id for p in expected]
+    assert res["sampling_mode"] == "adaptive" and set(res["by_path"]) <= {"fast", "full"}
+    assert sum(g["prompts"] for g in res["by_path"].values()) == 2
+    assert sum(g["share"] for g in res["by_path"].values()) == pytest.approx(1.0)
+    for g in [res["all"], *res["by_path"].values()]:
+        assert g["ratio_median"] > 0 and g["ratio_p90"] >= g["ratio_median"] - 1e-12
+        assert g["plain_ttft_s_median"] > 0 and g["safetygame_ttft_s_median"] > 0
+    for r in res["runs"]:
+        assert r["ratio"] == pytest.approx(r["decision_s"] / r["plain_s"])
+        assert all(1 <= k <= 8 for k in r["candidate_tokens"]) and r["plain_tokens"] <= 8
+    assert res["lengths"]["max_tokens"] == 8
+    base = res["baseline"]
+    assert base["sampling_mode"] == "fixed" and set(base["by_path"]) == {"fixed"}
+    assert base["by_path"]["fixed"]["share"] == 1.0
+    # the same plain answers serve both policies: one run, side by side
+    assert [r["plain_s"] for r in base["runs"]] == [r["plain_s"] for r in res["runs"]]
+    assert all(len(r["candidate_tokens"]) == 2 for r in base["runs"])
 
 
 def test_cli_ask_bad_budget_is_one_line_error() -> None:

@@ -218,7 +218,7 @@ class ScriptedServerDouble:
         )
 
     def payloads(self) -> list[dict[str, Any]]:
-        return [json.loads(r.content) for r in self.requests]
+        return [json.loads(r.content) for r in self.requests if r.method == "POST"]
 
 
 def chat_response(text: str, top: dict[str, float] | None = None) -> httpx.Response:
@@ -304,8 +304,12 @@ async def test_sample_sends_distinct_seeds_and_concurrent_requests() -> None:
         out = await b.sample(CHAT, 4, SamplingConfig(seed=10, max_tokens=5))
     assert len(out) == 4
     assert isinstance(b, OpenAICompatBackend)
-    assert sorted(p["seed"] for p in double.payloads()) == [10, 11, 12, 13]
-    assert all(p["max_tokens"] == 5 and "n" not in p for p in double.payloads())
+    # GET /props first (not llama.cpp here), then n=4 once: one choice came back, so the
+    # other three are drawn one request each, and the upstream is remembered as such
+    posts = double.payloads()
+    assert sorted(p["seed"] for p in posts) == [10, 11, 12, 13]
+    assert [p.get("n") for p in posts] == [4, None, None, None]
+    assert all(p["max_tokens"] == 5 for p in posts) and b.sample_via == "each"
     assert b.stats.prompt_tokens == 20
 
 
@@ -620,7 +624,7 @@ async def test_keepalive_transport_bounds_connections_by_max_concurrency() -> No
         await b.aclose()
     assert [c.text for c in out] == ["ok"] * 12
     assert 1 <= peer.connections <= 3
-    seeds = sorted(json.loads(body)["seed"] for _, body in peer.requests)
+    seeds = sorted(json.loads(body)["seed"] for head, body in peer.requests if body)
     assert seeds == list(range(1, 13))
 
 
@@ -661,7 +665,8 @@ async def test_keepalive_transport_handles_close_delimited_and_interim_responses
 async def test_direct_path_sends_well_formed_requests() -> None:
     peer = RawHTTPPeer(lambda i, head, body: _content_length(f"r{i}"))
     async with peer as url:
-        b = OpenAICompatBackend(url + "/v1", model="m", api_key="sk-test", max_retries=0)
+        # slots=0: no GET /props first (every request here is a POST of the chat)
+        b = OpenAICompatBackend(url + "/v1", model="m", api_key="sk-test", max_retries=0, slots=0)
         texts = [c.text for c in await b.sample(CHAT, 2, SamplingConfig(seed=1))]
         await b.aclose()
     assert sorted(texts) == ["r0", "r1"]

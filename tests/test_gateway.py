@@ -662,3 +662,75 @@ def test_workers_that_cannot_start_give_a_one_line_error(tmp_path: Path) -> None
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: gateway worker did not start")
     assert "_spawn" not in out.stderr  # no traceback from the supervisor itself
+
+
+# -- streaming a long decision, and the candidates' length limits ------------------------------
+
+
+class SlowBackendDouble(DeterministicBackendDouble):
+    """Test double: sampling takes ``delay`` seconds (a decision longer than the keep-alive
+    interval); records the sampling configs it was given."""
+
+    def __init__(self, delay: float, fail_sample: bool = False) -> None:
+        super().__init__(fail_sample)
+        self.delay = delay
+        self.configs: list[SamplingConfig] = []
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        self.configs.append(config)
+        await asyncio.sleep(self.delay)
+        return await super().sample(messages, n, config)
+
+
+async def test_long_decision_streams_keepalives_then_the_recorded_answer(tmp_path: Path) -> None:
+    app = create_app(
+        SlowBackendDouble(delay=0.3),
+        GatewaySettings(audit_url=f"sqlite:///{tmp_path / 'audit.db'}", stream_keepalive=0.05),
+    )
+    async for c in _client(app):
+        r = await c.http.post("/v1/chat/completions", json=chat_body(stream=True, seed=3))
+        assert r.status_code == 200 and r.headers["x-safetygame-stream"] == "keepalive"
+        lines = [ln for ln in r.text.splitlines() if ln]
+        first_data = next(i for i, ln in enumerate(lines) if ln.startswith("data: "))
+        assert first_data >= 2 and set(lines[:first_data]) == {": keep-alive"}
+        events = [ln[6:] for ln in lines[first_data:]]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        sg = chunks[-1]["safetygame"]
+        rec = (await c.http.get("/v1/safetygame/decisions?limit=1")).json()["data"][0]
+        assert rec["decision_id"] == sg["decision_id"] and text == rec["chosen_text"]
+
+        # a mistake found after the headers went out: the OpenAI error envelope as an event
+        r = await c.http.post(
+            "/v1/chat/completions", json=chat_body(stream=True, safetygame={"budget": 0.9})
+        )
+        assert r.status_code == 400  # found before any waiting: a plain 400 still
+        c.gateway.audit.write = _failing_write
+        r = await c.http.post("/v1/chat/completions", json=chat_body(stream=True))
+        assert r.status_code == 200 and ": keep-alive" in r.text
+        err = json.loads(next(ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")))
+        assert err["error"]["code"] == "audit_unavailable" and "choices" not in err
+
+
+async def _failing_write(record: dict[str, Any]) -> None:
+    raise OSError("disk full (on purpose)")
+
+
+async def test_request_length_limits_reach_every_candidate(tmp_path: Path) -> None:
+    backend = SlowBackendDouble(delay=0.0)
+    app = create_app(backend, GatewaySettings(audit_url=f"sqlite:///{tmp_path / 'audit.db'}"))
+    async for c in _client(app):
+        body = chat_body(max_tokens=12, stop=["\n\n", "END"])
+        assert (await c.http.post("/v1/chat/completions", json=body)).status_code == 200
+        body = chat_body(max_completion_tokens=5, max_tokens=99, stop="END")
+        assert (await c.http.post("/v1/chat/completions", json=body)).status_code == 200
+        too_many = chat_body(stop=["a", "b", "c", "d", "e"])
+        r = await c.http.post("/v1/chat/completions", json=too_many)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    assert [(cfg.max_tokens, cfg.stop) for cfg in backend.configs] == [
+        (12, ("\n\n", "END")),
+        (5, ("END",)),
+    ]

@@ -121,3 +121,48 @@ def test_openai_client_moderations(client: openai.OpenAI, gateway: tuple[str, Pa
     rec = _records(gateway[0])[0]
     assert rec["kind"] == "moderation" and rec["inputs"] == texts
     assert rec["request_id"] == resp.id.removeprefix("modr-")
+
+
+@pytest.fixture(scope="module")
+def keepalive_gateway(
+    smollm2_backend: EmbeddedLlamaBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The same gateway with keep-alives from the first 10 ms: every streamed decision here
+    takes longer, so its headers go out before the decision and comments fill the wait."""
+    root = tmp_path_factory.mktemp("gw_keepalive")
+    data = load_policy().model_dump(mode="json")
+    data["sampling"].update(n=2, max_tokens=16)
+    (root / "policy.yml").write_text(yaml.safe_dump(data))
+    tenants = {"tenants": {"acme": {"policy": "policy.yml", "keys": [hash_key(KEY)]}}}
+    (root / "tenants.yml").write_text(yaml.safe_dump(tenants))
+    settings = GatewaySettings(
+        tenants_file=root / "tenants.yml",
+        audit_url=f"sqlite:///{root / 'audit.db'}",
+        decision_timeout=600,
+        stream_keepalive=0.01,
+    )
+    with serve_in_thread(create_app(smollm2_backend, settings)) as url:
+        yield url
+
+
+def test_openai_client_streams_through_keepalives(keepalive_gateway: str) -> None:
+    client = openai.OpenAI(
+        base_url=f"{keepalive_gateway}/v1", api_key=KEY, max_retries=0, timeout=900
+    )
+    raw = client.chat.completions.with_raw_response.create(
+        model="safetygame",
+        messages=[{"role": "user", "content": "Name a colour of the rainbow."}],
+        stream=True,
+        max_tokens=12,
+    )
+    assert raw.headers["x-safetygame-stream"] == "keepalive"  # headers before the decision
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason == "stop"]
+    assert len(final) == 1
+    sg = (final[0].model_extra or {})["safetygame"]
+    assert sg["status"] == "ok"
+    rec = _records(keepalive_gateway)[0]
+    assert rec["decision_id"] == sg["decision_id"] and rec["chosen_text"] == text
+    # the request's max_tokens bound every candidate
+    assert all(c["completion_tokens"] <= 12 for c in rec["candidates"])

@@ -45,6 +45,7 @@ def non_default_values(tmp_path: Path) -> dict[str, Any]:
         "max_header_count": 20,
         "header_timeout": 3.5,
         "keepalive_timeout": 2.5,
+        "stream_keepalive": 4.5,
         "log_level": "warning",
         "workers": 3,
     }

@@ -19,7 +19,13 @@ from typing import Any, Literal
 import numpy as np
 
 from safetygame import game
-from safetygame.backends.base import Backend, Message, SamplingConfig, as_messages
+from safetygame.backends.base import (
+    PREFIX_SLOT,
+    Backend,
+    Message,
+    SamplingConfig,
+    as_messages,
+)
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, ConfigError
 from safetygame.game import FloatArray
@@ -143,9 +149,13 @@ class SafetyGame:
         *,
         budget: float | None = None,
         seed: int | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] = (),
     ) -> Decision:
         """Synchronous twin of :meth:`arespond`."""
-        return asyncio.run(self.arespond(messages, budget=budget, seed=seed))
+        return asyncio.run(
+            self.arespond(messages, budget=budget, seed=seed, max_tokens=max_tokens, stop=stop)
+        )
 
     async def arespond(
         self,
@@ -154,23 +164,49 @@ class SafetyGame:
         budget: float | None = None,
         seed: int | None = None,
         timeout: float | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] = (),
     ) -> Decision:
         """Decide one reply. ``budget`` may lower the policy's budget, never raise it.
-        ``timeout`` (seconds) replaces the agent's own for this call (a caller's deadline)."""
+        ``timeout`` (seconds) replaces the agent's own for this call (a caller's deadline).
+        ``max_tokens`` and ``stop`` are the length limits the caller gives a plain answer;
+        every candidate is generated under them (``max_tokens`` may lower the policy's
+        ``sampling.max_tokens``, never raise it), so no candidate runs longer than the plain
+        answer would have."""
         chat = as_messages(messages)
         if chat[-1].role != "user":
             raise ConfigError("messages: the last message must come from the user")
         budgets = self._budgets(budget)
+        cfg = self._sampling(seed, max_tokens, stop)
         limit = self.timeout if timeout is None else timeout
         t0 = time.perf_counter()
         try:
-            return await asyncio.wait_for(self._run(chat, budgets, seed, t0), limit)
+            return await asyncio.wait_for(self._run(chat, budgets, cfg, t0), limit)
         except TimeoutError:
             return self._refuse(
                 chat, budgets, Status.TIMEOUT, f"no decision within {limit} s", t0, {}
             )
 
     # -- stages -------------------------------------------------------------------------
+    def _sampling(
+        self, seed: int | None, max_tokens: int | None, stop: Sequence[str]
+    ) -> SamplingConfig:
+        """The candidates' sampling: the policy's, under the caller's length limits."""
+        pol = self.policy.sampling
+        if max_tokens is not None and not (
+            isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1
+        ):
+            raise ConfigError("max_tokens must be an integer >= 1")
+        if isinstance(stop, str):
+            stop = (stop,)
+        return SamplingConfig(
+            temperature=pol.temperature,
+            top_p=pol.top_p,
+            max_tokens=min(max_tokens or pol.max_tokens, pol.max_tokens),
+            seed=seed,
+            stop=tuple(stop),
+        )
+
     def _budgets(self, override: float | None) -> dict[str, float]:
         budgets = self.policy.budgets
         if override is not None:
@@ -185,19 +221,14 @@ class SafetyGame:
         return budgets
 
     async def _run(
-        self, chat: tuple[Message, ...], budgets: dict[str, float], seed: int | None, t0: float
+        self, chat: tuple[Message, ...], budgets: dict[str, float], cfg: SamplingConfig, t0: float
     ) -> Decision:
         """Sample, score, play. Adaptive sampling draws one candidate first and answers with it
         when :func:`game.fast_path` allows; otherwise it draws the other m - 1 (seeds
         seed + 1..., the ones a fixed draw of m gives them) and plays the full game."""
         timings: dict[str, float] = {}
         pol = self.policy
-        cfg = SamplingConfig(
-            temperature=pol.sampling.temperature,
-            top_p=pol.sampling.top_p,
-            max_tokens=pol.sampling.max_tokens,
-            seed=seed,
-        )
+        seed = cfg.seed
         m = pol.sampling.n
         adaptive = pol.sampling.mode == "adaptive" and m > 1
         questions = {
@@ -206,6 +237,7 @@ class SafetyGame:
         }
         texts: list[str] = [pol.refusal]
         completion_tokens = [0]
+        slots: list[int | None] = [None]  # the server slot each candidate was generated on
         help_at: dict[int, Score] = {}
         harm_at: dict[str, dict[int, Score]] = {name: {} for name in questions}
         path = "fixed"
@@ -227,10 +259,11 @@ class SafetyGame:
             new = list(range(len(texts), len(texts) + len(completions)))
             texts += [c.text.strip() for c in completions]
             completion_tokens += [c.completion_tokens for c in completions]
+            slots += [c.slot for c in completions]
             t = time.perf_counter()
             # The refusal is read once, with the first draw; later draws read only new texts.
             only = new if stage else [*new, REFUSAL_INDEX]
-            hs, ds = await self._score_all(chat, texts, questions, only)
+            hs, ds = await self._score_all(chat, texts, questions, only, slots)
             timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
             for k, i in enumerate(only):
                 help_at[i] = hs[k]
@@ -248,7 +281,13 @@ class SafetyGame:
         help_scores = _listed(help_at)
         harm_scores = {name: _listed(v) for name, v in harm_at.items()}
         drawn = len(texts) - 1
-        extra = {"path": path, "drawn": drawn, "scope": self._scope(budgets)}
+        extra = {
+            "path": path,
+            "drawn": drawn,
+            "scope": self._scope(budgets),
+            "max_tokens": cfg.max_tokens,
+            "stop": list(cfg.stop),
+        }
 
         errors = [
             f"candidate {i} {probe}: {s.error}"
@@ -395,22 +434,28 @@ class SafetyGame:
         texts: list[str],
         questions: dict[str, str],
         only: Sequence[int] | None = None,
+        slots: Sequence[int | None] = (),
     ) -> tuple[list[Score], dict[str, list[Score]]]:
-        """Candidates concurrently; each candidate's probes one after another. Returns the
+        """Every read of every candidate at once (candidates x probes, gathered). Returns the
         scores of ``only`` (indices into ``texts``, in that order), by default of all.
 
-        A candidate's probe prompts share everything up to the question, so asking them in
-        turn lets a llama.cpp-style server reuse the cached prefix for all but the first.
+        Reads are started probe by probe (every candidate's helpfulness, then every
+        candidate's first harm question, ...), so the first ones in flight use different
+        slots. A scorer that continues the generating chat (``followup``) sends each
+        candidate's reads to the slot that generated it (``slots[i]``, via ``PREFIX_SLOT``):
+        there llama.cpp reads only the question. Elsewhere reuse is left to the server's
+        prefix cache (vLLM's automatic prefix caching, llama.cpp's prompt cache).
         """
         help_q = self.policy.probes.helpfulness.question
         refusal = texts[REFUSAL_INDEX]
+        probes = [(self.helpfulness, help_q)] + [(self.harm, q) for q in questions.values()]
 
-        async def one(i: int) -> list[Score]:
+        async def one(i: int, scorer: Scorer, question: str) -> Score:
+            slot = slots[i] if i < len(slots) else None
+            if scorer.continues_chat and slot is not None:
+                PREFIX_SLOT.set(slot)  # this task's context only (gather copies it)
             # relative scorers read each reply against the refusal (probes.read)
-            out = [await read(self.helpfulness, chat, texts[i], help_q, refusal)]
-            for question in questions.values():
-                out.append(await read(self.harm, chat, texts[i], question, refusal))
-            return out
+            return await read(scorer, chat, texts[i], question, refusal)
 
         # Sampled replies first, the refusal last: with a followup scorer each reply's probes
         # should reach the slot that generated it before the refusal's probe takes a slot.
@@ -418,10 +463,11 @@ class SafetyGame:
         order = [i for i in wanted if i != REFUSAL_INDEX] + [
             i for i in wanted if i == REFUSAL_INDEX
         ]
-        started = await asyncio.gather(*(one(i) for i in order))
-        rows = [started[order.index(i)] for i in wanted]
-        harm = {name: [row[k + 1] for row in rows] for k, name in enumerate(questions)}
-        return [row[0] for row in rows], harm
+        reads = [(i, k) for k in range(len(probes)) for i in order]
+        got = await asyncio.gather(*(one(i, *probes[k]) for i, k in reads))
+        by = dict(zip(reads, got, strict=True))
+        harm = {name: [by[(i, k + 1)] for i in wanted] for k, name in enumerate(questions)}
+        return [by[(i, 0)] for i in wanted], harm
 
     # -- building decisions -------------------------------------------------------------
     @staticmethod

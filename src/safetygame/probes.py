@@ -52,6 +52,9 @@ class Scorer(ABC):
     name: str
     #: scores replies against a reference (see :meth:`score_against`)
     relative: bool = False
+    #: its prompts continue the chat that generated the reply (``followup``), so the server
+    #: slot that generated the reply already holds their prefix (``backends.base.PREFIX_SLOT``)
+    continues_chat: bool = False
 
     @abstractmethod
     async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:

@@ -232,6 +232,10 @@ class PromptJudge(Scorer):
         suffix = f"+{len(self.shots)}shot" if self.shots else ""
         self.name = name or f"judge:{wording.name}{suffix}:{backend.model_id}"
 
+    @property
+    def continues_chat(self) -> bool:  # type: ignore[override]
+        return self.wording.layout == "followup"
+
     def messages(self, conversation: Sequence[Message], reply: str, question: str) -> list[Message]:
         return wording_messages(
             self.wording, self.system, conversation, reply, question, self.shots
@@ -254,10 +258,12 @@ class MeanScorer(Scorer):
             raise ConfigError("MeanScorer: parts must not be empty")
         self.parts = tuple(parts)
         self.name = name
+        self.continues_chat = any(p.continues_chat for p in self.parts)
 
     async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
-        # One after another: the prompts share their prefix, which the server's cache keeps.
-        scores = [await p.score(conversation, reply, question) for p in self.parts]
+        # All at once: a decision's reads go out together (a prefix-caching server shares
+        # their common prefix; llama.cpp's prompt cache restores it across slots).
+        scores = await asyncio.gather(*(p.score(conversation, reply, question) for p in self.parts))
         return combine_mean(scores)
 
 
@@ -569,7 +575,7 @@ class HeadScorer(Scorer):
 
     async def _guarded(self, *pairs: tuple[Sequence[Message], str]) -> list[float] | Score:
         try:
-            out = [await self._logit(c, r) for c, r in pairs]
+            out = await asyncio.gather(*(self._logit(c, r) for c, r in pairs))
         except (BackendError, ConfigError) as exc:
             return Score(None, error=f"{type(exc).__name__}: {exc}")
         return [z for z, _ in out]

@@ -12,6 +12,11 @@ A backend has three abilities, all async, and a fourth that some backends have:
 - ``complete_logprobs(prompt, max_tokens, top_logprobs)``: a greedy completion of a prompt the
   caller rendered itself (no chat template), with the top log-probabilities at each generated
   position: what guard models (``safetygame.guards``) are read with. Optional like ``hidden``.
+- ``stream(messages, config)``: one reply, streamed, with the time to its first token (what
+  ``safetygame bench latency`` compares a decision with). Optional like ``hidden``.
+
+``PREFIX_SLOT`` carries, to a backend that can route a request to a server slot (llama.cpp's
+``id_slot``), the slot that generated the reply a request continues (``followup`` probes).
 
 Everything above this module (probes, agent, gateway, benchmarks) talks to models only
 through it.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -81,6 +87,8 @@ class SamplingConfig:
     top_p: float = 0.95
     max_tokens: int = 256
     seed: int | None = None
+    #: stop sequences: generation ends before the first one (OpenAI ``stop``, at most 4)
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -89,6 +97,10 @@ class SamplingConfig:
             raise ConfigError("top_p must be in (0, 1]")
         if self.max_tokens < 1:
             raise ConfigError("max_tokens must be >= 1")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError("stop must be a tuple of non-empty strings")
+        if len(self.stop) > 4:
+            raise ConfigError("stop takes at most 4 sequences (the OpenAI limit)")
 
     def merge(self, **overrides: Any) -> SamplingConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -100,6 +112,24 @@ class Completion:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: the server slot that generated it, when the backend pinned one (llama.cpp ``id_slot``)
+    slot: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamedCompletion:
+    """One streamed reply: the completion, and seconds from the request to its first content
+    token (None if the reply was empty) and to its end."""
+
+    completion: Completion
+    first_token_s: float | None
+    total_s: float
+
+
+#: The server slot holding the prefix of the reply the current request continues (set by the
+#: agent around a ``followup`` probe of a candidate the backend generated on a pinned slot).
+#: A context variable, so each concurrently gathered read carries its own.
+PREFIX_SLOT: ContextVar[int | None] = ContextVar("safetygame_prefix_slot", default=None)
 
 
 @dataclass(frozen=True)
@@ -246,6 +276,14 @@ class Backend(ABC):
         raise BackendUnsupported(
             f"backend {self.model_id!r} gives no raw completions with log-probabilities; use an "
             "OpenAI-compatible server (/v1/completions with logprobs, or llama.cpp /completion)"
+        )
+
+    async def stream(
+        self, messages: Sequence[Message], config: SamplingConfig
+    ) -> StreamedCompletion:
+        """One reply, streamed, timed to its first token."""
+        raise BackendUnsupported(
+            f"backend {self.model_id!r} does not stream; use an OpenAI-compatible server"
         )
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook

@@ -46,6 +46,7 @@ from safetygame.backends.base import (
     LogLik,
     Message,
     SamplingConfig,
+    StreamedCompletion,
     YesNo,
     pool_hidden,
 )
@@ -201,6 +202,7 @@ class EmbeddedLlamaBackend(Backend):
             timeout=timeout,
             max_concurrency=n_parallel,
             yes_no_samples=yes_no_samples,
+            slots=n_parallel,  # one request per candidate, pinned: followup probes reuse it
         )
         self.stats = self.client.stats
         self._threads = threads
@@ -247,6 +249,11 @@ class EmbeddedLlamaBackend(Backend):
 
     async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
         return await self.client.loglik(messages, continuation)
+
+    async def stream(
+        self, messages: Sequence[Message], config: SamplingConfig
+    ) -> StreamedCompletion:
+        return await self.client.stream(messages, config)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -1,9 +1,22 @@
 """A backend for any OpenAI-compatible chat server (vLLM, llama.cpp server, OpenAI, ...).
 
-- ``sample``: n concurrent chat requests with distinct seeds (seed+i), since many servers
-  ignore ``n > 1``. A seed makes a request reproducible on an otherwise idle server; requests
-  that run concurrently share llama.cpp batches (and prompt-cache states), whose float results
-  differ slightly, so a near-tie can sample differently (seen on Qwen2.5 1.5B at temperature 1).
+- ``sample``: m candidates in one request with ``n = m`` where the server honours ``n``
+  (vLLM, OpenAI), else m concurrent requests with distinct seeds (seed+i). Which route an
+  upstream takes is decided on its first draw of m > 1 and cached (``sample_via``): a
+  llama.cpp server (``GET /props`` names its slots) draws each candidate in its own request
+  on a pinned slot (``id_slot``, round robin), so a ``followup`` probe can go back to the slot
+  that holds the candidate's prefix (``PREFIX_SLOT``) and each candidate's usage is its own
+  (llama.cpp takes ``n`` only up to its slot count and reports one choice's usage; the price
+  of pinning: under concurrent decisions a request may wait for its slot while another slot
+  is idle, which llama.cpp's own slot choice would have used); any other
+  server is sent ``n = m`` once: m choices make it an ``n`` upstream; fewer, or a 4xx for the
+  field, make it an ``each`` upstream (the choices that came are kept, the rest drawn one by
+  one). An ``n`` server reports only the total completion tokens, so each choice is given a
+  share of it in proportion to its length in characters. A seed makes a request reproducible
+  on an otherwise idle server; requests that run concurrently share llama.cpp batches (and
+  prompt-cache states), whose float results differ slightly, so a near-tie can sample
+  differently (seen on Qwen2.5 1.5B at temperature 1).
+- ``stream``: one reply streamed (SSE), timed to its first content token.
 - ``yes_no``: one request, ``max_tokens=1``, temperature 0, top-20 log-probabilities, pooled
   over Yes/No variants (``method="logprobs"``). If the server gives no log-probabilities, or
   neither Yes nor No is among the top 20, it falls back to sampling ``yes_no_samples`` = k
@@ -42,15 +55,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import random
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import httpx
 import numpy as np
 
 from safetygame.backends.base import (
+    PREFIX_SLOT,
     Backend,
     BackendStats,
     Completion,
@@ -59,6 +75,7 @@ from safetygame.backends.base import (
     Message,
     Pooling,
     SamplingConfig,
+    StreamedCompletion,
     TokenChoice,
     YesNo,
     yes_no_from_top_logprobs,
@@ -142,6 +159,7 @@ class OpenAICompatBackend(Backend):
         seed: int | None = None,
         embeddings_url: str | None = None,
         embeddings_pooling: Pooling = "last",
+        slots: int | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
@@ -151,6 +169,8 @@ class OpenAICompatBackend(Backend):
             raise ConfigError("max_concurrency must be >= 1")
         if yes_no_samples < 1:
             raise ConfigError("yes_no_samples must be >= 1")
+        if slots is not None and slots < 0:
+            raise ConfigError("slots must be >= 0 (0 = never pin a llama.cpp slot)")
         if api_key is not None and any(c in api_key for c in "\r\n\0"):
             raise ConfigError("api_key must not contain line breaks or NUL")
         root = base_url.rstrip("/")
@@ -183,6 +203,13 @@ class OpenAICompatBackend(Backend):
                 model_id=self.model_id,
             )
         self._templates: bool | None = None  # does the server render chats (/apply-template)?
+        #: llama.cpp slots that candidates are pinned to, round robin (``id_slot``); None until
+        #: ``GET /props`` was asked, 0 = no pinning (not llama.cpp, or the caller said so)
+        self.slots = slots
+        self._next_slot = 0
+        #: how m > 1 candidates are drawn: "n" (one request), "each" (m requests); None until
+        #: the first such draw tells (module docstring)
+        self.sample_via: Literal["n", "each"] | None = "each" if slots else None
 
     # -- transport -------------------------------------------------------------------------
 
@@ -288,27 +315,37 @@ class OpenAICompatBackend(Backend):
 
     # -- the three abilities ---------------------------------------------------------------
 
-    async def _one_sample(
-        self, messages: Sequence[Message], config: SamplingConfig, seed: int | None
-    ) -> Completion:
+    @staticmethod
+    def _sampling(config: SamplingConfig, seed: int | None) -> dict[str, Any]:
         params: dict[str, Any] = {
             "temperature": config.temperature,
             "top_p": config.top_p,
             "max_tokens": config.max_tokens,
         }
+        if config.stop:
+            params["stop"] = list(config.stop)
         if seed is not None:
             params["seed"] = seed
+        return params
+
+    async def _one_sample(
+        self,
+        messages: Sequence[Message],
+        config: SamplingConfig,
+        seed: int | None,
+        slot: int | None = None,
+    ) -> Completion:
+        params = self._sampling(config, seed)
+        if slot is not None:  # llama.cpp: this slot keeps the candidate's prefix for its probes
+            params.update(id_slot=slot, cache_prompt=True)
         body = await self._chat(messages, **params)
-        text = _get(body, "choices", 0, "message", "content")
-        if text is None:
-            text = ""  # some servers send null content for an empty reply
-        if not isinstance(text, str):
-            raise BackendProtocolError("choices[0].message.content is not a string")
+        (text,) = _choice_texts(body, 1)
         return Completion(
             text=text,
             finish_reason=str(body["choices"][0].get("finish_reason") or "stop"),
             prompt_tokens=_count(body, "usage", "prompt_tokens"),
             completion_tokens=_count(body, "usage", "completion_tokens"),
+            slot=slot,
         )
 
     async def sample(
@@ -316,13 +353,181 @@ class OpenAICompatBackend(Backend):
     ) -> list[Completion]:
         if n < 1:
             raise ConfigError("n must be >= 1")
-        seeds = [None if config.seed is None else config.seed + i for i in range(n)]
-        return list(await asyncio.gather(*(self._one_sample(messages, config, s) for s in seeds)))
+        first: list[Completion] = []
+        # The route is asked for on the first draw of m > 1 (a lone candidate before it, e.g.
+        # an adaptive first draw, goes unpinned; the slots are known from then on).
+        if n > 1 and await self._draw_route() != "each":
+            first = await self._sample_n(messages, n, config)
+            if len(first) >= n:
+                return first[:n]
+        # One request per candidate: seeds seed+i (after those of the choices already drawn).
+        todo = range(len(first), n)
+        seeds = [None if config.seed is None else config.seed + i for i in todo]
+        rest = await asyncio.gather(
+            *(self._one_sample(messages, config, s, self._pin()) for s in seeds)
+        )
+        return first + list(rest)
+
+    def _pin(self) -> int | None:
+        """The next llama.cpp slot, round robin (None when slots are not pinned): successive
+        candidates, also across an adaptive decision's two draws, land on different slots."""
+        if not self.slots:
+            return None
+        slot = self._next_slot % self.slots
+        self._next_slot += 1
+        return slot
+
+    async def _draw_route(self) -> Literal["n", "each"] | None:
+        """ "each" for a llama.cpp server (its slot count read once from ``GET /props``), else
+        what an earlier ``n`` request showed; None while untested."""
+        if self.sample_via is None and self.slots is None:
+            self.slots = await self._llamacpp_slots()
+            if self.slots:
+                self.sample_via = "each"
+        return self.sample_via
+
+    async def _llamacpp_slots(self) -> int:
+        """``total_slots`` from llama.cpp's ``GET /props``; 0 for any other server (the
+        endpoint missing, failing or without the field)."""
+        state = self._loop_state()
+        try:
+            async with state.semaphore:
+                resp = await state.client.get(state.url("/props"))
+            body = resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return 0
+        slots = body.get("total_slots") if isinstance(body, dict) else None
+        return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else 0
+
+    async def _sample_n(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        """n candidates in one request (``n``); on an untested upstream this is the test: n
+        choices make it an "n" upstream, fewer or a 4xx an "each" one (then fewer or no
+        choices come back, and the caller draws the rest one by one)."""
+        params = self._sampling(config, config.seed)
+        try:
+            body = await self._chat(messages, n=n, **params)
+        except (ConfigError, BackendUnsupported):
+            if self.sample_via == "n":
+                raise  # an n upstream refusing this request: the request itself is at fault
+            self.sample_via = "each"
+            return []
+        choices = _get(body, "choices")
+        if not isinstance(choices, list) or not choices:
+            raise BackendProtocolError("upstream response has no choices")
+        texts = _choice_texts(body, len(choices))
+        if self.sample_via is None:
+            self.sample_via = "n" if len(choices) >= n else "each"
+        tokens = _apportion(_count(body, "usage", "completion_tokens"), [len(t) for t in texts])
+        prompt_tokens = _count(body, "usage", "prompt_tokens")
+        return [
+            Completion(
+                text=text,
+                finish_reason=str(
+                    (c.get("finish_reason") if isinstance(c, dict) else None) or "stop"
+                ),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=k,
+            )
+            for text, c, k in zip(texts, choices, tokens, strict=True)
+        ]
+
+    async def stream(
+        self, messages: Sequence[Message], config: SamplingConfig
+    ) -> StreamedCompletion:
+        """One reply streamed over SSE, timed from the request to the first content delta.
+
+        Read with a plain httpx client (the keep-alive transport buffers whole bodies)."""
+        if not messages:
+            raise ConfigError("messages must not be empty")
+        payload: dict[str, Any] = {
+            "messages": [m.to_dict() for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self._sampling(config, config.seed),
+        }
+        if self.model is not None:
+            payload["model"] = self.model
+        parts: list[str] = []
+        first: float | None = None
+        usage: dict[str, Any] = {}
+        finish = "stop"
+        chunks = 0
+        t0 = time.perf_counter()
+        try:
+            async with (
+                httpx.AsyncClient(
+                    base_url=self.root_url,
+                    headers=self._headers,
+                    timeout=self._timeout,
+                    transport=self._transport,
+                ) as client,
+                client.stream("POST", "/v1/chat/completions", json=payload) as resp,
+            ):
+                if resp.status_code != 200:
+                    await resp.aread()
+                    self.stats.errors += 1
+                    raise BackendError(
+                        f"{self.root_url}/v1/chat/completions (stream) answered "
+                        f"{resp.status_code}: {resp.text[:300]}"
+                    )
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # comments (keep-alives), event names, blank separators
+                    data = line[len("data:") :].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        body = json.loads(data)
+                    except ValueError as exc:
+                        raise BackendProtocolError("stream chunk is not JSON") from exc
+                    if isinstance(body, dict) and isinstance(body.get("usage"), dict):
+                        usage = body["usage"]
+                    for choice in (body.get("choices") or []) if isinstance(body, dict) else []:
+                        delta = choice.get("delta") if isinstance(choice, dict) else None
+                        piece = delta.get("content") if isinstance(delta, dict) else None
+                        if isinstance(piece, str) and piece:
+                            if first is None:
+                                first = time.perf_counter() - t0
+                            parts.append(piece)
+                            chunks += 1
+                        if isinstance(choice, dict) and choice.get("finish_reason"):
+                            finish = str(choice["finish_reason"])
+        except httpx.TimeoutException as exc:
+            self.stats.errors += 1
+            raise BackendTimeout(f"{self.root_url}/v1/chat/completions (stream) timed out") from exc
+        except httpx.TransportError as exc:
+            self.stats.errors += 1
+            raise BackendError(f"cannot reach {self.root_url}/v1/chat/completions: {exc}") from exc
+        total = time.perf_counter() - t0
+        self.stats.calls += 1
+        self._count_usage({"usage": usage})
+        completion_tokens = _count({"usage": usage}, "usage", "completion_tokens") or chunks
+        return StreamedCompletion(
+            Completion(
+                text="".join(parts),
+                finish_reason=finish,
+                prompt_tokens=_count({"usage": usage}, "usage", "prompt_tokens"),
+                completion_tokens=completion_tokens,
+            ),
+            first_token_s=first,
+            total_s=total,
+        )
 
     async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        params: dict[str, Any] = {}
+        slot = PREFIX_SLOT.get()
+        if slot is not None and self.slots:  # a followup probe: back to the candidate's slot
+            params.update(id_slot=slot % self.slots, cache_prompt=True)
         try:
             body = await self._chat(
-                messages, max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS
+                messages,
+                max_tokens=1,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=TOP_LOGPROBS,
+                **params,
             )
         except (ConfigError, BackendUnsupported):
             # some servers refuse the logprobs fields outright; a request that is bad for
@@ -752,6 +957,31 @@ def _logprob_of(entry: Any, want: int, what: str) -> float:
     if not isinstance(lp, int | float) or math.isnan(lp) or lp > 1e-6:
         raise BackendProtocolError(f"/completion gave an invalid logprob for the {what}")
     return float(lp)
+
+
+def _choice_texts(body: Any, n: int) -> list[str]:
+    """The message texts of the first ``n`` choices (null content is an empty reply)."""
+    out = []
+    for i in range(n):
+        text = _get(body, "choices", i, "message", "content")
+        if text is None:
+            text = ""  # some servers send null content for an empty reply
+        if not isinstance(text, str):
+            raise BackendProtocolError(f"choices[{i}].message.content is not a string")
+        out.append(text)
+    return out
+
+
+def _apportion(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` split into integer shares proportional to ``weights`` (each at least 1 when
+    the total allows), summing to ``total``: per-choice tokens from a total-only usage."""
+    w = [max(x, 1) for x in weights]
+    base = 1 if total >= len(w) else 0  # a choice that came back has at least one token
+    rest = total - base * len(w)
+    shares = [base + rest * x // sum(w) for x in w]
+    for i in sorted(range(len(w)), key=lambda i: -w[i])[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def _count(obj: Any, *path: str) -> int:

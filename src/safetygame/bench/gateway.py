@@ -310,12 +310,14 @@ async def _load(
 
 
 def upstream_rounds(policy: str) -> int:
-    """Upstream calls on a decision's critical path: one round of sampling, then each
-    candidate's probes one after another (helpfulness, harm, each category), all candidates
-    at once (``SafetyGame._score_all``)."""
+    """Upstream calls on a decision's critical path: one round of sampling, then one round of
+    probes: every candidate's reads (helpfulness, harm, each category) go out at once
+    (``SafetyGame._score_all``), as far as the backend's ``max_concurrency`` lets them; a
+    policy's categories add reads to that round, not rounds."""
     from safetygame.policy import load_policy
 
-    return 1 + 2 + len(load_policy(policy).categories)
+    load_policy(policy)  # a bad policy name fails here, before any server starts
+    return 1 + 1
 
 
 def run_gateway_bench(

@@ -295,6 +295,8 @@ class CachingBackend(Backend):
             n,
             [config.temperature, config.top_p, config.max_tokens, config.seed],
         ]
+        if config.stop:  # keys without stop sequences stay those of the committed caches
+            payload.append(list(config.stop))
         key = content_key("sample", self.model_id, payload)
         hit = self.cache.get(key)
         if hit is not None:

@@ -313,7 +313,6 @@ class Gateway:
 
     async def _chat(self, request: Request, tenant: str, request_id: str, t0: float) -> Response:
         deadline = t0 + self.settings.decision_timeout
-        reserve = self.settings.audit_reserve
         req = await self._request(request, deadline, ChatRequest)
         if isinstance(req, Response):
             return req
@@ -323,15 +322,42 @@ class Gateway:
         runtime = self.tenants.runtimes.get(tenant)
         if runtime is None:  # the tenant was removed from the tenants file meanwhile
             return self._unauthorized()
+        decide = asyncio.ensure_future(self._decide(req, runtime.agent, request_id, deadline))
+        keepalive = self.settings.stream_keepalive
+        if req.stream and keepalive > 0:
+            try:
+                done, _ = await asyncio.wait({decide}, timeout=keepalive)
+            except asyncio.CancelledError:  # the request was dropped: so is its decision
+                decide.cancel()
+                raise
+            if not done:
+                # A long decision: the headers go now, keep-alive comments until the answer.
+                return StreamingResponse(
+                    self._late_stream(decide, req, tenant, request_id, t0, deadline),
+                    media_type="text/event-stream",
+                    headers={"cache-control": "no-cache", "x-safetygame-stream": "keepalive"},
+                )
+        outcome = await decide  # a cancelled request cancels the awaited decision too
+        if isinstance(outcome, Response):
+            return outcome
+        return await self._answer(*outcome, req, tenant, request_id, t0, deadline)
+
+    async def _decide(
+        self, req: ChatRequest, agent: SafetyGame, request_id: str, deadline: float
+    ) -> tuple[Decision, UpstreamClock] | Response:
+        """The decision and the upstream time it took, or the 400 to send instead."""
+        reserve = self.settings.audit_reserve
         clock = UpstreamClock()
-        token = CURRENT_CLOCK.set(clock)
+        CURRENT_CLOCK.set(clock)  # this task's context (ensure_future copied the caller's)
+        seed = req.safetygame.seed if req.safetygame.seed is not None else req.seed
         try:
-            seed = req.safetygame.seed if req.safetygame.seed is not None else req.seed
-            decision = await runtime.agent.arespond(
+            decision = await agent.arespond(
                 [m.as_dict() for m in req.messages],
                 budget=req.safetygame.budget,
                 seed=seed,
                 timeout=round(max(deadline - reserve - time.perf_counter(), 0.001), 3),
+                max_tokens=req.length_limit,
+                stop=req.stop_sequences,
             )
         except ConfigError as exc:
             if _from_upstream(exc):
@@ -348,9 +374,19 @@ class Gateway:
             # Bad request content the schema cannot see (e.g. a budget above the policy's).
             param = "safetygame.budget" if "budget" in str(exc) else None
             return _error(400, str(exc), "invalid_request_error", param=param, code="invalid_value")
-        finally:
-            CURRENT_CLOCK.reset(token)
+        return decision, clock
 
+    async def _answer(
+        self,
+        decision: Decision,
+        clock: UpstreamClock,
+        req: ChatRequest,
+        tenant: str,
+        request_id: str,
+        t0: float,
+        deadline: float,
+    ) -> Response:
+        """Record the decision, then send it: JSON, or SSE chunks from the first byte."""
         record = audit_record(
             decision,
             request_id=request_id,
@@ -399,6 +435,47 @@ class Gateway:
                 headers={**headers, "cache-control": "no-cache"},
             )
         return JSONResponse(completion_body(decision, req.model, request_id), headers=headers)
+
+    async def _late_stream(
+        self,
+        decide: asyncio.Future[tuple[Decision, UpstreamClock] | Response],
+        req: ChatRequest,
+        tenant: str,
+        request_id: str,
+        t0: float,
+        deadline: float,
+    ) -> AsyncIterator[str]:
+        """The SSE body of a stream whose headers went out before its decision: comments
+        (ignored by SSE clients, the official ``openai`` one included) while it runs, then the
+        recorded answer's chunks, or the OpenAI error envelope as one ``data:`` event (which
+        the ``openai`` client raises as ``APIError``) where a fast answer would have been a
+        4xx or 503. Nothing the game did not choose is ever sent; a client that leaves
+        cancels the decision."""
+        interval = self.settings.stream_keepalive
+        try:
+            yield ": keep-alive\n\n"  # bytes with the headers: the wait is already one interval
+            while not decide.done():
+                done, _ = await asyncio.wait({decide}, timeout=interval)
+                if not done:
+                    yield ": keep-alive\n\n"
+            outcome = decide.result()
+            response = (
+                outcome
+                if isinstance(outcome, Response)
+                else await self._answer(*outcome, req, tenant, request_id, t0, deadline)
+            )
+        except Exception as exc:  # after the headers: the client gets a generic error event
+            log.error("request %s: unhandled %s in a late stream", request_id, type(exc).__name__)
+            response = _error(500, "Internal error.", "server_error", code="internal_error")
+        finally:
+            if not decide.done():
+                decide.cancel()
+        if isinstance(response, StreamingResponse):
+            async for chunk in response.body_iterator:
+                yield chunk if isinstance(chunk, str) else bytes(chunk).decode("utf-8")
+        else:
+            yield "data: " + bytes(response.body).decode("utf-8") + "\n\n"
+            yield "data: [DONE]\n\n"
 
     async def _moderate(
         self, request: Request, tenant: str, request_id: str, t0: float

@@ -60,8 +60,11 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """``POST /v1/chat/completions``. Sampling knobs belong to the tenant's policy, so
-    ``temperature``/``top_p``/``max_tokens`` are accepted for compatibility and recorded,
-    not applied; features the gateway cannot honour (tools, n > 1) are rejected."""
+    ``temperature``/``top_p`` are accepted for compatibility, not applied. Length limits are
+    applied to every candidate, as a plain model would apply them to its answer:
+    ``max_completion_tokens`` (else ``max_tokens``) lowers the policy's
+    ``sampling.max_tokens`` (never raises it), ``stop`` (up to 4 sequences) ends each
+    candidate. Features the gateway cannot honour (tools, n > 1) are rejected."""
 
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=200)
@@ -74,6 +77,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
     user: str | None = Field(None, max_length=256)
     tools: None = None
     tool_choice: None = None
@@ -86,6 +90,23 @@ class ChatRequest(BaseModel):
         if v and v[-1].role != "user":
             raise ValueError("the last message must come from the user")
         return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, v: str | list[str] | None) -> str | list[str] | None:
+        seqs = [v] if isinstance(v, str) else (v or [])
+        if len(seqs) > 4 or not all(0 < len(s) <= 200 for s in seqs):
+            raise ValueError("stop takes at most 4 non-empty sequences of up to 200 characters")
+        return v
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def length_limit(self) -> int | None:
+        """The caller's limit on generated tokens (the newer field first)."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 class ModerationRequest(BaseModel):

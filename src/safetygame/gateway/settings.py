@@ -60,6 +60,10 @@ class GatewaySettings:
     # audit write that long; an answer not recorded by the deadline is a 503.
     decision_timeout: float = 120.0
     audit_timeout: float = 5.0  # at most this share of decision_timeout (half for short ones)
+    # A streamed chat whose decision takes longer than this gets its headers and then an SSE
+    # comment (": keep-alive") every this many seconds until the answer, so proxies with idle
+    # timeouts keep the connection; 0 = off (headers only once the answer is recorded).
+    stream_keepalive: float = 10.0
     reload_interval: float = 1.0  # seconds between checks of the policy / tenants files
     max_decisions_page: int = 500
     max_decisions_bytes: int = 8_000_000  # JSON bytes of one /v1/safetygame/decisions page
@@ -76,6 +80,8 @@ class GatewaySettings:
             raise ConfigError("audit_timeout must be a finite number > 0")
         if not self.reload_interval > 0:
             raise ConfigError("reload_interval must be > 0")
+        if not 0 <= self.stream_keepalive < math.inf:
+            raise ConfigError("stream_keepalive must be a finite number >= 0 (0 = off)")
         if self.max_decisions_bytes < 2 * self.max_body_bytes:
             raise ConfigError("max_decisions_bytes must be >= 2 x max_body_bytes")
 
@@ -152,6 +158,12 @@ class ServeSettings(BaseSettings):
     )
     keepalive_timeout: float = Field(
         _HTTP.keepalive_timeout, description="Seconds an idle keep-alive connection stays open."
+    )
+    stream_keepalive: float = Field(
+        _GW.stream_keepalive,
+        ge=0.0,
+        description="Streamed chats: seconds of deciding before the headers go out and an SSE "
+        "keep-alive comment follows every as many seconds (0 = off).",
     )
     log_level: LogLevel = "info"
     workers: int = Field(
@@ -239,6 +251,7 @@ class ServeSettings(BaseSettings):
             model_name=self.served_model,
             max_body_bytes=self.max_body_bytes,
             decision_timeout=self.timeout,
+            stream_keepalive=self.stream_keepalive,
             reload_interval=self.reload_interval,
             http=HttpLimits(
                 max_header_bytes=self.max_header_bytes,
