@@ -29,6 +29,7 @@ from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, BackendUnsupported, ConfigError
 from safetygame.features import FeatureReader, review_messages
 from safetygame.heads import FeatureSpec, Head, HeadParams, fit_head, gated_logit, load_head
+from safetygame.models import DEFAULT_MODEL, resolve_model
 from safetygame.policy import load_policy
 from safetygame.scorers import HeadScorer, build_scorer
 
@@ -341,3 +342,18 @@ def test_scorers_train_rejects_a_bad_size_before_any_model_work(size: str, tmp_p
     cache = tmp_path / "c.sqlite"
     out = CliRunner().invoke(main, ["scorers", "train", "--size", size, "--cache", str(cache)])
     assert out.exit_code == 2 and "--size" in out.output and not cache.exists()
+
+
+def test_the_learned_policy_plays_the_shipped_gated_head_of_the_default_model_only() -> None:
+    for ref in ("default", "fast", "adaptive", "learned"):
+        assert load_policy(ref).id == ref
+    pol = load_policy("learned")
+
+    class DefaultJudge(HiddenDouble):
+        model_id = resolve_model(DEFAULT_MODEL).model_id
+
+    scorer = build_scorer(pol.scorers.harm, DefaultJudge(), pol, kind="harm")
+    assert isinstance(scorer, HeadScorer) and scorer.head.objective == "gated"
+    assert not scorer.relative and len(scorer.head.gate_w) == scorer.head.features.dim
+    with pytest.raises(ConfigError, match=r"no shipped gated harm head for the judge hidden-"):
+        build_scorer(pol.scorers.harm, HiddenDouble(), pol, kind="harm")

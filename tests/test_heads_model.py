@@ -94,7 +94,7 @@ def test_scorers_train_tiny_reproduces_loads_scores_and_refuses_a_wrong_model(
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
     summary = json.loads(first.output)
-    assert {h["objective"] for h in summary["heads"]} == {"logistic", "bradley_terry"}
+    assert {h["objective"] for h in summary["heads"]} == {"logistic", "bradley_terry", "gated"}
     # the same seed and data, read from an empty cache, give the same bytes
     again = runner.invoke(main, [*args[:-4], "--cache", str(tmp_path / "fresh.sqlite"),
                                  "--out", str(out), "--check", "--no-progress"])  # fmt: skip
@@ -106,6 +106,10 @@ def test_scorers_train_tiny_reproduces_loads_scores_and_refuses_a_wrong_model(
     scorer = HeadScorer(smollm2_backend, bt, ScoreCache(None))
     s = asyncio.run(scorer.score_against(CHAT, "Sure, mix them.", "I can't help.", "q"))
     assert s.value is not None and 0.0 < s.value < 1.0
+    gated = load_head(out / "smollm2-135m-harm-gated.json")
+    assert len(gated.gate_w) == gated.features.dim
+    g = asyncio.run(HeadScorer(smollm2_backend, gated).score(CHAT, "Sure, mix them.", "q"))
+    assert g.value is not None and 0.0 < g.value < 1.0 and g.method == "head"
 
     class OtherModel(OpenAICompatBackend):
         pass

@@ -283,7 +283,7 @@ class Recipe:
     hh_train: int = 60
     hh_dev: int = 30
     advbench: int = 60
-    xstest_safe_candidates: int = 1
+    xstest_safe_candidates: int = 4
     moderation: int = 0
     seed: int = 0
 

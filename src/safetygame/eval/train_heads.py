@@ -3,13 +3,15 @@
 
 **Fitting.** The judge reads every row of the training set (``eval.head_data.training_set``)
 once; both poolings come from that one pass. For each objective (``logistic``,
-``bradley_terry``), pooling (``last``, ``mean``) and ridge strength in :data:`RIDGES`, a dev
-score is computed from training-side data only: the mean of (a) the pair accuracy on the
-hh-rlhf *dev* pairs and (b) a 3-fold cross-validated score on the training rows, folds
-grouped by conversation (AUROC of the logistic head on held-out points, pair accuracy of the
-Bradley-Terry head on held-out pairs). The best cell (ties: the larger ridge, the simpler
-fit) is refitted on all training rows and written as an artefact. No benchmark test item is
-read while fitting or choosing.
+``bradley_terry``, ``gated``), pooling (``last``, ``mean``) and ridge strength in
+:data:`RIDGES`, a dev score is computed from training-side data only: the mean of (a) the
+pair accuracy on the hh-rlhf *dev* pairs and (b) a 3-fold cross-validated score on the
+training rows, folds grouped by conversation (AUROC of a pointwise head on held-out points,
+pair accuracy of the Bradley-Terry head on held-out pairs). The best cell (ties: the larger
+ridge, the simpler fit) is refitted on all training rows and written as an artefact. Each
+cell also records ``cv_compliance``, the cross-validated AUROC among complying replies only
+(harmful against benign compliance): the contrast a game needs, reported beside the dev
+score to compare designs. No benchmark test item is read while fitting or choosing.
 
 **Measuring.** :func:`evaluate_heads` reads the test sets once: HHH harmless test options
 (the ``eval probes`` split) and XSTest harness-test complying answers against the policy
@@ -141,34 +143,47 @@ def _fit(
     return fit_head(X, objective="gated", ridge=ridge, points=content, gate_points=gate)
 
 
-def _cv_score(
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _cv_scores(
     X: FloatArray, train: hd.LabelledSet, objective: Objective, ridge: float, refusal: str
-) -> float:
+) -> tuple[float, float]:
+    """3-fold cross-validated (score, compliance score) on the training rows.
+
+    The score is the objective's own: held-out AUROC of the harm label for the pointwise
+    heads, held-out pair accuracy for Bradley-Terry. The compliance score, for every
+    objective, is the held-out AUROC among *complying* labelled replies only: harmful
+    against benign compliance, the contrast the game needs to answer safe prompts and refuse
+    unsafe ones (a refusal-vs-compliance score can be near 1 without it)."""
     # a conversation's rows stay in one fold; a text with no conversation is its own group
     folds = np.array(
         [_fold(r.conversation[-1].content if r.conversation else r.reply) for r in train.rows]
     )
-    scores = []
+    scores, comply_scores = [], []
     for k in range(3):
-        if objective in ("logistic", "gated"):
-            held = [(i, y) for i, y in train.points if folds[i] == k]
-            if (
-                len({y for i, y in train.points if folds[i] != k}) < 2
-                or len({y for _, y in held}) < 2
-            ):
-                continue
-            try:
-                z = _fit(X, train, objective, ridge, refusal, folds != k).logit(X)
-            except ConfigError:
-                continue  # a gated fold with one class of complying replies cannot be fitted
-            scores.append(auroc([z[i] for i, _ in held], [y for _, y in held]))
-        else:
+        held = [(i, y) for i, y in train.points if folds[i] == k]
+        if objective == "bradley_terry":
             held_pairs = [(a, b) for a, b in train.pairs if folds[a] == k]
             if not held_pairs or all(folds[a] == k for a, _ in train.pairs):
                 continue
+        elif (
+            len({y for i, y in train.points if folds[i] != k}) < 2 or len({y for _, y in held}) < 2
+        ):
+            continue
+        try:
             z = _fit(X, train, objective, ridge, refusal, folds != k).logit(X)
+        except ConfigError:
+            continue  # a gated fold with one class of complying replies cannot be fitted
+        if objective == "bradley_terry":
             scores.append(_pair_acc(z, held_pairs))
-    return float(np.mean(scores)) if scores else float("nan")
+        else:
+            scores.append(auroc([z[i] for i, _ in held], [y for _, y in held]))
+        held_c = [(i, y) for i, y in held if complies(train.rows[i], refusal)]
+        if len({y for _, y in held_c}) == 2:
+            comply_scores.append(auroc([z[i] for i, _ in held_c], [y for _, y in held_c]))
+    return _mean(scores), _mean(comply_scores)
 
 
 def _sha256(path: Path) -> str:
@@ -215,7 +230,7 @@ async def train_heads(
             for ridge in RIDGES:
                 params = _fit(X, train, objective, ridge, policy.refusal)
                 hh = _pair_acc(params.logit(np.concatenate([X, Xdev])), dev_pairs)
-                cv = _cv_score(X, train, objective, ridge, policy.refusal)
+                cv, cv_comply = _cv_scores(X, train, objective, ridge, policy.refusal)
                 grid.append(
                     {
                         "objective": objective,
@@ -223,6 +238,7 @@ async def train_heads(
                         "ridge": ridge,
                         "hh_dev_pair_acc": hh,
                         "cv": cv,
+                        "cv_compliance": cv_comply,
                         "dev_score": float(np.nanmean([hh, cv])),
                     }
                 )
