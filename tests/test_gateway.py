@@ -686,7 +686,7 @@ class SlowBackendDouble(DeterministicBackendDouble):
 
 async def test_long_decision_streams_keepalives_then_the_recorded_answer(tmp_path: Path) -> None:
     app = create_app(
-        SlowBackendDouble(delay=0.3),
+        SlowBackendDouble(delay=0.8),  # long enough to look inside a running late stream
         GatewaySettings(audit_url=f"sqlite:///{tmp_path / 'audit.db'}", stream_keepalive=0.05),
     )
     async for c in _client(app):
@@ -694,7 +694,7 @@ async def test_long_decision_streams_keepalives_then_the_recorded_answer(tmp_pat
         post = asyncio.ensure_future(
             c.http.post("/v1/chat/completions", json=chat_body(stream=True, seed=3))
         )
-        await asyncio.sleep(0.15)  # headers sent, keep-alives flowing, decision still running
+        await asyncio.sleep(0.2)  # headers sent, keep-alives flowing, decision still running
         assert not post.done() and metrics.in_flight.get() == 1
         assert metrics.requests.get(tenant="default", code="200") == 0
         r = await post
