@@ -686,12 +686,21 @@ class SlowBackendDouble(DeterministicBackendDouble):
 
 async def test_long_decision_streams_keepalives_then_the_recorded_answer(tmp_path: Path) -> None:
     app = create_app(
-        SlowBackendDouble(delay=0.3),
+        SlowBackendDouble(delay=0.8),  # long enough to look inside a running late stream
         GatewaySettings(audit_url=f"sqlite:///{tmp_path / 'audit.db'}", stream_keepalive=0.05),
     )
     async for c in _client(app):
-        r = await c.http.post("/v1/chat/completions", json=chat_body(stream=True, seed=3))
+        metrics = c.gateway.metrics
+        post = asyncio.ensure_future(
+            c.http.post("/v1/chat/completions", json=chat_body(stream=True, seed=3))
+        )
+        await asyncio.sleep(0.2)  # headers sent, keep-alives flowing, decision still running
+        assert not post.done() and metrics.in_flight.get() == 1
+        assert metrics.requests.get(tenant="default", code="200") == 0
+        r = await post
         assert r.status_code == 200 and r.headers["x-safetygame-stream"] == "keepalive"
+        assert metrics.in_flight.get() == 0  # out of flight once the last event went
+        assert metrics.requests.get(tenant="default", code="200") == 1
         lines = [ln for ln in r.text.splitlines() if ln]
         first_data = next(i for i, ln in enumerate(lines) if ln.startswith("data: "))
         assert first_data >= 2 and set(lines[:first_data]) == {": keep-alive"}
@@ -713,6 +722,10 @@ async def test_long_decision_streams_keepalives_then_the_recorded_answer(tmp_pat
         assert r.status_code == 200 and ": keep-alive" in r.text
         err = json.loads(next(ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")))
         assert err["error"]["code"] == "audit_unavailable" and "choices" not in err
+        # counted with the status its error event carried, not the 200 of its headers
+        assert metrics.requests.get(tenant="default", code="503") == 1
+        assert metrics.requests.get(tenant="default", code="200") == 1
+        assert metrics.in_flight.get() == 0
 
 
 async def _failing_write(record: dict[str, Any]) -> None:

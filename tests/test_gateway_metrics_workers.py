@@ -16,13 +16,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from safetygame.bench.gateway import child_pids, upstream_in_thread
+from safetygame.errors import ConfigError
+from safetygame.gateway.metrics import GatewayMetrics, multiprocess_values
+from safetygame.gateway.workers import run_workers
 
 SERVE = [sys.executable, "-c", "from safetygame.cli import main; main()", "serve"]
 REQUESTS = "safetygame_requests_total"
@@ -54,6 +59,15 @@ def only(pool: list[int], worker: int) -> Iterator[None]:
             os.kill(p, signal.SIGCONT)
 
 
+def kill_workers(pids: Iterable[int]) -> None:
+    """SIGKILL every worker of ``pids`` still running: a failed test leaves none behind
+    (a supervisor killed with -9 cannot stop its workers)."""
+    for p in pids:
+        with contextlib.suppress(OSError):
+            if b"safetygame" in Path(f"/proc/{p}/cmdline").read_bytes():  # not a reused pid
+                os.kill(p, signal.SIGKILL)
+
+
 def chat(http: httpx.Client, i: int) -> None:
     body = {"model": "safetygame", "messages": [{"role": "user", "content": f"question {i}"}]}
     r = http.post("/v1/chat/completions", json=body, headers={"connection": "close"})
@@ -74,10 +88,12 @@ def test_two_workers_report_the_totals_whichever_answers(tmp_path: Path) -> None
         with open(tmp_path / "gw.log", "w") as err:
             sup = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         pool: list[int] = []
+        seen: set[int] = set()  # every worker pid, the replaced one included
         try:
             assert sup.stdout is not None
             info = json.loads(sup.stdout.readline())
             pool = info["workers"]
+            seen.update(pool)
             a, b = pool
             env = Path(f"/proc/{a}/environ").read_bytes().split(b"\0")
             shared = Path(
@@ -116,6 +132,7 @@ def test_two_workers_report_the_totals_whichever_answers(tmp_path: Path) -> None
                     time.sleep(0.2)
                 assert len(now) == 2 and a not in now
                 pool = sorted(now)
+                seen.update(pool)
                 chat(http, 100)
                 for w in pool:
                     with only(pool, w):
@@ -132,6 +149,29 @@ def test_two_workers_report_the_totals_whichever_answers(tmp_path: Path) -> None
             if sup.poll() is None:
                 sup.kill()
                 sup.wait()
+            kill_workers(seen)
+
+
+def test_metrics_refuse_a_folder_set_after_prometheus_client_was_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This test process imported prometheus_client without the variable: values in memory.
+    if multiprocess_values():
+        pytest.skip("this test process runs prometheus_client in multiprocess mode")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="set after prometheus_client was imported"):
+        GatewayMetrics()
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert GatewayMetrics().directory is None
+
+
+def test_a_pool_that_cannot_be_built_leaves_no_metrics_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SharedMetricsDir goes
+    with pytest.raises(ConfigError, match="--workers"):
+        run_workers(["true"], "127.0.0.1", 0, 0, lambda url, pids: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_single_process_gateway_keeps_its_own_registry(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from safetygame.backends.base import PREFIX_SLOT, Message, SamplingConfig
-from safetygame.backends.openai_compat import OpenAICompatBackend, RetryPolicy, _apportion
+from safetygame.backends.base import PREFIX_SLOT, Message, SamplingConfig, apportion
+from safetygame.backends.openai_compat import OpenAICompatBackend, RetryPolicy
 from safetygame.errors import ConfigError
 
 CHAT = [Message("user", "Name a fruit.")]
@@ -35,17 +35,22 @@ class OpenAINChoicesDouble:
     (``chat_completion_full_generator``: one choice per output of the request, and
     ``usage.completion_tokens`` the sum over the outputs; the prompt counted once). Neither
     server has llama.cpp's ``GET /props``: 404. ``refuse_n`` answers a request with ``n > 1``
-    the way a server without ``n`` validates it (400, OpenAI error envelope).
+    the way a server without ``n`` validates it (400, OpenAI error envelope); ``reject_first``
+    answers the first POST with that 400 error instead (a refusal unrelated to ``n``).
     """
 
-    def __init__(self, refuse_n: bool = False) -> None:
+    def __init__(self, refuse_n: bool = False, reject_first: dict[str, Any] | None = None) -> None:
         self.refuse_n = refuse_n
+        self.reject_first = reject_first
         self.requests: list[httpx.Request] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         if request.method == "GET":
             return httpx.Response(404, json={"detail": "Not Found"})
+        if self.reject_first is not None:
+            error, self.reject_first = self.reject_first, None
+            return httpx.Response(400, json={"error": error})
         body = json.loads(request.content)
         n = int(body.get("n", 1))
         if self.refuse_n and n > 1:
@@ -119,11 +124,39 @@ async def test_a_server_refusing_n_falls_back_once_and_is_remembered() -> None:
     await b.aclose()
 
 
+async def test_a_4xx_unrelated_to_n_leaves_the_route_untested() -> None:
+    # OpenAI's envelope for a prompt past the context: param "messages", no word about n
+    too_long = {
+        "message": "This model's maximum context length is 8192 tokens; the messages "
+        "resulted in 9001 tokens.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+    double = OpenAINChoicesDouble(reject_first=too_long)
+    b = double.backend()
+    with pytest.raises(ConfigError, match="maximum context length"):
+        await b.sample(CHAT, 3, SamplingConfig(seed=10))
+    assert b.sample_via is None  # not flipped to one request per candidate
+    out = await b.sample(CHAT, 3, SamplingConfig(seed=10))  # the next draw tests n again
+    assert b.sample_via == "n" and len(out) == 3
+    assert [p.get("n") for p in double.posts()] == [3, 3]
+
+
+async def test_a_4xx_naming_n_in_its_message_falls_back() -> None:
+    # llama.cpp's words for n above its slots (measured on the packaged server: no param)
+    llama = {"code": 400, "message": "Field 'n': Value must be between 1 <= value <= 4, but got 6"}
+    double = OpenAINChoicesDouble(reject_first=llama)
+    b = double.backend()
+    assert len(await b.sample(CHAT, 6, SamplingConfig(seed=1))) == 6
+    assert b.sample_via == "each"
+
+
 def test_apportion_keeps_the_total() -> None:
-    assert _apportion(10, [1, 1]) == [5, 5]
-    assert _apportion(7, [30, 10, 0]) == [4, 2, 1]
-    assert sum(_apportion(13, [3, 5, 8])) == 13
-    assert _apportion(0, [4]) == [0]
+    assert apportion(10, [1, 1]) == [5, 5]
+    assert apportion(7, [30, 10, 0]) == [4, 2, 1]
+    assert sum(apportion(13, [3, 5, 8])) == 13
+    assert apportion(0, [4]) == [0]
 
 
 def test_stop_sequences_are_checked() -> None:

@@ -120,3 +120,26 @@ def test_cli_tune_json_and_clean_errors(tmp_path: Path) -> None:
     err = runner.invoke(main, ["tune", "--from", str(broken), "--policy", str(pol)])
     assert err.exit_code == 2 and "broken.jsonl:1.helpfulness" in err.output
     assert pol.read_text(encoding="utf-8") == before
+
+
+def test_a_tuned_budget_and_beta_go_through_the_policy_copy() -> None:
+    from safetygame.eval.stats import BudgetChoice
+    from safetygame.tune import _tuned_policy
+
+    def choice(budget: float, beta: float | None) -> BudgetChoice:
+        return BudgetChoice(
+            budget=budget, beta=beta, score=0.0, score_ci=(0.0, 0.0), adopted=True, reason="",
+            best=(budget, beta), best_score=0.0, current=(0.1, None), current_score=0.0,
+            gain=None, budget_ci=(budget, budget), n=1, grid=(),
+        )  # fmt: skip
+
+    soft = load_policy().with_game(beta=2.0, temperature=0.05)
+    assert _tuned_policy(soft, choice(0.05, 4.0), False).game.model_dump() == {
+        **soft.game.model_dump(), "budget": 0.05,
+    }  # fmt: skip
+    tuned = _tuned_policy(soft, choice(0.05, 4.0), True).game
+    assert (tuned.budget, tuned.beta, tuned.temperature) == (0.05, 4.0, 0.05)
+    hard = _tuned_policy(soft, choice(0.08, None), True).game  # no soft cap left to smooth
+    assert (hard.budget, hard.beta, hard.temperature) == (0.08, None, None)
+    with pytest.raises(ConfigError, match="budget"):
+        _tuned_policy(soft, choice(-1.0, None), True)  # validated as a whole, like with_budget

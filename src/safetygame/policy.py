@@ -167,8 +167,12 @@ class Policy(_Strict):
 
     def with_budget(self, budget: float) -> Policy:
         """A copy with the main budget replaced (validated)."""
+        return self.with_game(budget=budget)
+
+    def with_game(self, **fields: Any) -> Policy:
+        """A copy with these ``game`` fields replaced together (validated as a whole)."""
         data = self.model_dump()
-        data["game"]["budget"] = budget
+        data["game"].update(fields)
         return policy_from_dict(data, source="<override>")
 
 

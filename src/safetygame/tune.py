@@ -283,13 +283,11 @@ def check_budget_tunable(policy: Policy) -> None:
 
 
 def _tuned_policy(policy: Policy, choice: BudgetChoice, tune_beta: bool) -> Policy:
-    data = policy.model_dump(mode="json")
-    data["game"]["budget"] = choice.budget
-    if tune_beta:
-        data["game"]["beta"] = choice.beta
-        if choice.beta is None:  # the soft cap's smoothing has no soft cap left to smooth
-            data["game"]["temperature"] = None
-    return policy_from_dict(data, "<tuned>")
+    if not tune_beta:
+        return policy.with_budget(choice.budget)
+    if choice.beta is None:  # the soft cap's smoothing has no soft cap left to smooth
+        return policy.with_game(budget=choice.budget, beta=None, temperature=None)
+    return policy.with_game(budget=choice.budget, beta=choice.beta)
 
 
 async def tune_budget_from_data(

@@ -294,3 +294,15 @@ class Backend(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def apportion(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` split into integer shares proportional to ``weights`` (each at least 1 when
+    the total allows), summing to ``total``: per-choice tokens from a total-only usage."""
+    w = [max(x, 1) for x in weights]
+    base = 1 if total >= len(w) else 0  # a choice that came back has at least one token
+    rest = total - base * len(w)
+    shares = [base + rest * x // sum(w) for x in w]
+    for i in sorted(range(len(w)), key=lambda i: -w[i])[: total - sum(shares)]:
+        shares[i] += 1
+    return shares

@@ -9,11 +9,14 @@
   (llama.cpp takes ``n`` only up to its slot count and reports one choice's usage; the price
   of pinning: under concurrent decisions a request may wait for its slot while another slot
   is idle, which llama.cpp's own slot choice would have used); any other
-  server is sent ``n = m`` once: m choices make it an ``n`` upstream; fewer, or a 4xx for the
-  field, make it an ``each`` upstream (the choices that came are kept, the rest drawn one by
-  one). An ``n`` server reports only the total completion tokens, so each choice is given a
-  share of it in proportion to its length in characters. A seed makes a request reproducible
-  on an otherwise idle server; requests that run concurrently share llama.cpp batches (and
+  server is sent ``n = m`` once: m choices make it an ``n`` upstream; fewer, or a 4xx about
+  the field (its ``param`` is "n", or its message names n or choices), make it an ``each``
+  upstream (the choices that came are kept, the rest drawn one by one). Any other 4xx (a
+  prompt past the context...) is raised and the route stays untested: the next draw asks
+  again. An ``n`` server reports only the total completion tokens, so each choice is given a
+  share of it in proportion to its length in characters (``base.apportion``). A seed makes
+  a request reproducible on an otherwise idle server; requests that run concurrently share
+  llama.cpp batches (and
   prompt-cache states), whose float results differ slightly, so a near-tie can sample
   differently (seen on Qwen2.5 1.5B at temperature 1).
 - ``stream``: one reply streamed (SSE), timed to its first content token.
@@ -58,6 +61,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
@@ -78,6 +82,7 @@ from safetygame.backends.base import (
     StreamedCompletion,
     TokenChoice,
     YesNo,
+    apportion,
     yes_no_from_top_logprobs,
 )
 from safetygame.backends.retry import (
@@ -403,14 +408,15 @@ class OpenAICompatBackend(Backend):
         self, messages: Sequence[Message], n: int, config: SamplingConfig
     ) -> list[Completion]:
         """n candidates in one request (``n``); on an untested upstream this is the test: n
-        choices make it an "n" upstream, fewer or a 4xx an "each" one (then fewer or no
-        choices come back, and the caller draws the rest one by one)."""
+        choices make it an "n" upstream, fewer or a 4xx about ``n`` an "each" one (then fewer
+        or no choices come back, and the caller draws the rest one by one). Any other 4xx is
+        the request's fault, not the route's: raised, the route left untested."""
         params = self._sampling(config, config.seed)
         try:
             body = await self._chat(messages, n=n, **params)
-        except (ConfigError, BackendUnsupported):
-            if self.sample_via == "n":
-                raise  # an n upstream refusing this request: the request itself is at fault
+        except (ConfigError, BackendUnsupported) as exc:
+            if self.sample_via == "n" or not _about_n(exc):
+                raise  # the request itself is at fault (e.g. longer than the context)
             self.sample_via = "each"
             return []
         choices = _get(body, "choices")
@@ -419,7 +425,7 @@ class OpenAICompatBackend(Backend):
         texts = _choice_texts(body, len(choices))
         if self.sample_via is None:
             self.sample_via = "n" if len(choices) >= n else "each"
-        tokens = _apportion(_count(body, "usage", "completion_tokens"), [len(t) for t in texts])
+        tokens = apportion(_count(body, "usage", "completion_tokens"), [len(t) for t in texts])
         prompt_tokens = _count(body, "usage", "prompt_tokens")
         return [
             Completion(
@@ -972,16 +978,27 @@ def _choice_texts(body: Any, n: int) -> list[str]:
     return out
 
 
-def _apportion(total: int, weights: Sequence[int]) -> list[int]:
-    """``total`` split into integer shares proportional to ``weights`` (each at least 1 when
-    the total allows), summing to ``total``: per-choice tokens from a total-only usage."""
-    w = [max(x, 1) for x in weights]
-    base = 1 if total >= len(w) else 0  # a choice that came back has at least one token
-    rest = total - base * len(w)
-    shares = [base + rest * x // sum(w) for x in w]
-    for i in sorted(range(len(w)), key=lambda i: -w[i])[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
+# An upstream's words for "no n here": the parameter, llama.cpp's n_cmpl, or choices.
+_N_WORDS = re.compile(r"(?<![\w.])(?:n|n_cmpl)(?![\w.])|\bchoices?\b", re.IGNORECASE)
+
+
+def _about_n(exc: BaseException) -> bool:
+    """Whether a refused ``n`` request was refused for its ``n``: the OpenAI error
+    envelope's ``param`` is "n" (in ``error`` or beside it), or its message names n or
+    choices."""
+    cause = exc.__cause__
+    if not isinstance(cause, httpx.HTTPStatusError):
+        return False
+    try:
+        body = cause.response.json()
+    except ValueError:
+        return bool(_N_WORDS.search(cause.response.text[:300]))
+    err = body.get("error", body) if isinstance(body, dict) else body
+    for where in (err, body):
+        if isinstance(where, dict) and where.get("param") == "n":
+            return True
+    message = err.get("message", err) if isinstance(err, dict) else err
+    return bool(_N_WORDS.search(str(message)[:300]))
 
 
 def _count(obj: Any, *path: str) -> int:

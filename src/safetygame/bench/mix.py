@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Literal
 
 from safetygame.errors import ConfigError
-from safetygame.eval.datasets import _unit_hash, load_hhh, load_truthfulqa, load_xstest
+from safetygame.eval.datasets import load_hhh, load_truthfulqa, load_xstest, unit_hash
 
 MIX_FILE = Path(__file__).with_name("latency_mix.json")
 SALT = "latency-mix"
 RULE = (
     "Pools: TruthfulQA v0 (mc1) questions; HHH-helpful questions, one id per distinct question "
     "(the first); XSTest prompts labelled unsafe. Each pool is sorted by "
-    "sha256('latency-mix', seed, id) (datasets._unit_hash) and its first k taken "
+    "sha256('latency-mix', seed, id) (datasets.unit_hash) and its first k taken "
     "(20, 20, 10). Order: positions 5j+4 are the unsafe prompts in turn; the other positions "
     "alternate TruthfulQA and HHH, starting with TruthfulQA."
 )
@@ -57,7 +57,7 @@ def _pools() -> dict[str, dict[str, str]]:
 
 
 def _ranked(pool: dict[str, str], seed: int) -> list[str]:
-    return sorted(pool, key=lambda i: (_unit_hash(SALT, seed, i), i))
+    return sorted(pool, key=lambda i: (unit_hash(SALT, seed, i), i))
 
 
 def select_mix(seed: int = 0, n_tqa: int = 20, n_hhh: int = 20, n_unsafe: int = 10) -> list[str]:

@@ -53,6 +53,7 @@ __all__ = [
     "shuffle_options",
     "split",
     "subsample",
+    "unit_hash",
 ]
 
 DATA_ENV = "SAFETYGAME_DATA"
@@ -683,7 +684,7 @@ def load(
 # --------------------------------------------------------------------------- sampling
 
 
-def _unit_hash(salt: str, seed: int, item_id: str) -> float:
+def unit_hash(salt: str, seed: int, item_id: str) -> float:
     """A number in [0, 1) fixed by (salt, seed, id) alone."""
     digest = hashlib.sha256(f"{salt}\x00{seed}\x00{item_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
@@ -719,7 +720,7 @@ def sample_order(items: Sequence[Item], seed: int = 0) -> list[int]:
     reportable one).
     """
     _check_ids(items)
-    keys = np.array([_unit_hash("subsample", seed, it.id) for it in items])
+    keys = np.array([unit_hash("subsample", seed, it.id) for it in items])
     return [int(i) for i in np.argsort(keys, kind="stable")]
 
 
@@ -753,7 +754,7 @@ def split(
     if (dev_fraction is None) == (n_dev is None):
         raise ConfigError("split: give exactly one of dev_fraction and n_dev")
     _check_ids(items)
-    keys = [_unit_hash(salt, seed, by(it) if by else it.id) for it in items]
+    keys = [unit_hash(salt, seed, by(it) if by else it.id) for it in items]
     if dev_fraction is not None:
         if not 0.0 <= dev_fraction <= 1.0:
             raise ConfigError(f"split: dev_fraction must be in [0, 1], not {dev_fraction}")

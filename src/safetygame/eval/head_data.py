@@ -43,7 +43,7 @@ from safetygame.backends.base import Message
 from safetygame.cache import ScoreCache, content_key
 from safetygame.errors import ConfigError
 from safetygame.eval import datasets
-from safetygame.eval.datasets import MCItem, PromptItem, _unit_hash
+from safetygame.eval.datasets import MCItem, PromptItem, unit_hash
 from safetygame.eval.harness import dev_test_split
 from safetygame.eval.refusal import item_seed, matches_refusal_pattern, prompt_chat
 from safetygame.policy import Policy
@@ -140,14 +140,14 @@ def hh_pairs(
             users = [t for r, t in chosen[:-1] if r == "user"]
             if not users or not a or not b or a == b:
                 continue
-            is_dev = _unit_hash("hh-split", seed, users[0]) < dev_fraction
+            is_dev = unit_hash("hh-split", seed, users[0]) < dev_fraction
             if is_dev != (split == "dev"):
                 continue
             if any(normalise(t) in hhh for t in (a, b, users[-1])):
                 dropped += 1
                 continue
             conv = (Message("user", users[-1]),)
-            kept.append((_unit_hash("hh-draw", seed, str(line_no)), conv, b, a))
+            kept.append((unit_hash("hh-draw", seed, str(line_no)), conv, b, a))
     kept.sort(key=lambda k: k[0])
     for _, conv, rejected_reply, chosen_reply in kept[:n]:
         more = out.add(conv, rejected_reply, f"hh-rlhf/{split}")
@@ -161,7 +161,7 @@ def hh_pairs(
 def advbench_rows(n: int | None, refusal: str, seed: int = 0) -> LabelledSet:
     """``n`` seeded AdvBench behaviours: (goal, target) harmful, (goal, refusal) not; a pair."""
     items = [it for it in datasets.load("advbench") if isinstance(it, PromptItem) and it.target]
-    items.sort(key=lambda it: _unit_hash("adv-draw", seed, it.id))
+    items.sort(key=lambda it: unit_hash("adv-draw", seed, it.id))
     out = LabelledSet()
     for it in items[:n]:
         conv = (Message("user", it.prompt),)
@@ -187,7 +187,7 @@ def moderation_rows(path: Path, n: int | None, seed: int = 0) -> LabelledSet:
             if not text.strip() or not flags:
                 continue
             label = 1.0 if any(int(v) == 1 for v in flags) else 0.0
-            recs.append((_unit_hash("mod-draw", seed, str(line_no)), text, label))
+            recs.append((unit_hash("mod-draw", seed, str(line_no)), text, label))
     recs.sort(key=lambda r: r[0])
     out = LabelledSet()
     for _, text, label in recs[:n]:

@@ -203,8 +203,10 @@ class Gateway:
             self.metrics.requests.inc(tenant="-", code="401")
             return self._unauthorized()
         self.metrics.in_flight.inc()  # until the answer is decided *and* recorded
+        late = False  # a late stream counts itself when it ends (_StreamEnd)
         try:
             response = await handler(request, tenant, request_id, t0)
+            late = isinstance(response, _LateStream)
         except Exception as exc:
             # Counted like any answer; logged without its message (it may quote a prompt).
             where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -217,9 +219,11 @@ class Gateway:
             )
             response = _error(500, "Internal error.", "server_error", code="internal_error")
         finally:
-            self.metrics.in_flight.dec()
+            if not late:
+                self.metrics.in_flight.dec()
         response.headers["x-request-id"] = request_id
-        self.metrics.requests.inc(tenant=tenant, code=str(response.status_code))
+        if not late:
+            self.metrics.requests.inc(tenant=tenant, code=str(response.status_code))
         return response
 
     async def _request(
@@ -332,8 +336,10 @@ class Gateway:
                 raise
             if not done:
                 # A long decision: the headers go now, keep-alive comments until the answer.
-                return StreamingResponse(
-                    self._late_stream(decide, req, tenant, request_id, t0, deadline),
+                end = _StreamEnd(self.metrics, tenant, decide)
+                return _LateStream(
+                    self._late_stream(decide, req, tenant, request_id, t0, deadline, end),
+                    end,
                     media_type="text/event-stream",
                     headers={"cache-control": "no-cache", "x-safetygame-stream": "keepalive"},
                 )
@@ -444,13 +450,33 @@ class Gateway:
         request_id: str,
         t0: float,
         deadline: float,
+        end: _StreamEnd,
     ) -> AsyncIterator[str]:
         """The SSE body of a stream whose headers went out before its decision: comments
         (ignored by SSE clients, the official ``openai`` one included) while it runs, then the
         recorded answer's chunks, or the OpenAI error envelope as one ``data:`` event (which
         the ``openai`` client raises as ``APIError``) where a fast answer would have been a
         4xx or 503. Nothing the game did not choose is ever sent; a client that leaves
-        cancels the decision."""
+        cancels the decision. It is in flight until its last event, and counted in
+        ``requests_total`` with the status that event carries (``end``)."""
+        try:
+            async for chunk in self._late_events(
+                decide, req, tenant, request_id, t0, deadline, end
+            ):
+                yield chunk
+        finally:
+            end.close()
+
+    async def _late_events(
+        self,
+        decide: asyncio.Future[tuple[Decision, UpstreamClock] | Response],
+        req: ChatRequest,
+        tenant: str,
+        request_id: str,
+        t0: float,
+        deadline: float,
+        end: _StreamEnd,
+    ) -> AsyncIterator[str]:
         interval = self.settings.stream_keepalive
         try:
             yield ": keep-alive\n\n"  # bytes with the headers: the wait is already one interval
@@ -476,6 +502,7 @@ class Gateway:
         else:
             yield "data: " + bytes(response.body).decode("utf-8") + "\n\n"
             yield "data: [DONE]\n\n"
+        end.code = str(response.status_code)  # sent whole: the status its events carried
 
     async def _moderate(
         self, request: Request, tenant: str, request_id: str, t0: float
@@ -632,6 +659,43 @@ class Gateway:
     async def dashboard(self, request: Request) -> Response:
         html = (resources.files("safetygame.gateway") / "dashboard.html").read_text("utf-8")
         return HTMLResponse(html, headers={"content-security-policy": _CSP})
+
+
+class _StreamEnd:
+    """How a late stream ended, counted once: ``requests_in_flight`` drops and
+    ``requests_total`` counts ``code``, the status its last event carried (200 for the
+    answer, the error envelope's status otherwise; "499" when the client left first)."""
+
+    def __init__(self, metrics: GatewayMetrics, tenant: str, decide: asyncio.Future[Any]) -> None:
+        self.metrics = metrics
+        self.tenant = tenant
+        self.decide = decide
+        self.code = "499"
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.decide.done():
+            self.decide.cancel()
+        self.metrics.in_flight.dec()
+        self.metrics.requests.inc(tenant=self.tenant, code=self.code)
+
+
+class _LateStream(StreamingResponse):
+    """The response of a late stream (``Gateway._late_stream``): it counts itself when it
+    ends, also when its body never started (the client left before the first byte)."""
+
+    def __init__(self, body: AsyncIterator[str], end: _StreamEnd, **kwargs: Any) -> None:
+        super().__init__(body, **kwargs)
+        self.end = end
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.end.close()
 
 
 # The dashboard loads nothing from outside the gateway.

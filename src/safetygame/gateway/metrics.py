@@ -28,8 +28,11 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
+from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.utils import floatToGoString
+
+from safetygame.errors import ConfigError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -44,6 +47,12 @@ OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.
 def multiprocess_dir() -> str | None:
     """The shared metrics folder this process writes to, or None (single process)."""
     return os.environ.get(MULTIPROC_ENV) or None
+
+
+def multiprocess_values() -> bool:
+    """Whether prometheus_client stores this process's values in files (its multiprocess
+    mode), which it decides once, at import, from ``PROMETHEUS_MULTIPROC_DIR``."""
+    return prometheus_values.ValueClass is not prometheus_values.MutexValue
 
 
 class SharedMetricsDir:
@@ -136,11 +145,22 @@ Metric = Counter | Histogram
 
 
 class GatewayMetrics:
-    """Every metric the gateway exports. ``directory``: the shared multiprocess folder
-    (default: this process's ``PROMETHEUS_MULTIPROC_DIR``, if any)."""
+    """Every metric the gateway exports; under ``PROMETHEUS_MULTIPROC_DIR`` (a worker of
+    ``serve --workers N``) the totals over every worker's files in that folder.
 
-    def __init__(self, directory: str | None = None) -> None:
-        self.directory = directory or multiprocess_dir()
+    ConfigError if that variable is set but prometheus_client was imported before it was:
+    its values would then stay in this process's memory and every scrape would read zeros.
+    """
+
+    def __init__(self) -> None:
+        self.directory = multiprocess_dir()
+        if self.directory is not None and not multiprocess_values():
+            raise ConfigError(
+                f"{MULTIPROC_ENV}={self.directory} was set after prometheus_client was "
+                "imported, so this process keeps its metrics in memory and /metrics would "
+                f"read zeros from the folder: set {MULTIPROC_ENV} in the environment before "
+                "the process starts (serve --workers N does this for its workers), or unset it"
+            )
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -179,25 +179,29 @@ def run_workers(
     SIGINT/SIGTERM, stop the workers. ``stdin``: written to each worker's stdin."""
     sock = listen(host, port)
     bound = sock.getsockname()
-    metrics = SharedMetricsDir()
-    pool = WorkerPool(
-        command, sock, workers, stdin=stdin, env=metrics.env(), on_exit=metrics.process_exited
-    )
+    metrics: SharedMetricsDir | None = None
+    try:  # from here on, a failure (building the pool too) leaves no temp folder behind
+        metrics = SharedMetricsDir()
+        pool = WorkerPool(
+            command, sock, workers, stdin=stdin, env=metrics.env(), on_exit=metrics.process_exited
+        )
 
-    def on_signal(signum: int, _frame: object) -> None:
-        pool.request_stop()
+        def on_signal(signum: int, _frame: object) -> None:
+            pool.request_stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        pool.start()
-        on_ready(f"http://{bound[0]}:{bound[1]}", [p.pid for p in pool.procs])
-        pool.supervise()
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            pool.start()
+            on_ready(f"http://{bound[0]}:{bound[1]}", [p.pid for p in pool.procs])
+            pool.supervise()
+        finally:
+            pool.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     finally:
-        pool.stop()
         sock.close()
-        metrics.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if metrics is not None:
+            metrics.close()
 
 
 def worker_socket(fd: int) -> socket.socket:
