@@ -175,11 +175,15 @@ async def test_llamacpp_server_draws_each_candidate_on_a_pinned_slot(llama_serve
     cfg = SamplingConfig(temperature=0.8, max_tokens=8, seed=5)
     out = await b.sample(CHAT, 3, cfg)
     assert (b.sample_via, b.slots) == ("each", 4)  # /props named 4 slots: llama.cpp
-    assert [c.slot for c in out] == [0, 1, 2]
+    assert [c.slot for c in out] == [1, 2, 3]  # seeds 5, 6, 7 mod 4 slots
     assert all(1 <= c.completion_tokens <= 8 for c in out)  # each candidate's own usage
     calls = b.stats.calls
+    # the same seeded request lands on the same slot, so it gives the same sample again
     more = await b.sample(CHAT, 2, cfg)
-    assert [c.slot for c in more] == [3, 0] and b.stats.calls == calls + 2
+    assert [c.slot for c in more] == [1, 2] and b.stats.calls == calls + 2
+    assert [c.text for c in more] == [c.text for c in out[:2]]
+    unseeded = await b.sample(CHAT, 2, SamplingConfig(temperature=0.8, max_tokens=8))
+    assert [c.slot for c in unseeded] == [0, 1]  # round robin
     await b.aclose()
 
 

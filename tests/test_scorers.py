@@ -217,7 +217,7 @@ def test_build_scorer_registry() -> None:
             with pytest.raises(ConfigError, match="harm only"):
                 build_scorer(name, backend, pol, None, kind="helpfulness")
             continue
-        if name in ("head", "head-bt"):  # shipped heads are bound to their judge model
+        if name in ("head", "head-bt", "head-gated"):  # shipped heads are bound to their judge
             with pytest.raises(ConfigError, match="fixed-test-double"):
                 build_scorer(name, backend, pol, None, kind="harm")
             continue

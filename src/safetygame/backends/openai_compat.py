@@ -4,8 +4,9 @@
   (vLLM, OpenAI), else m concurrent requests with distinct seeds (seed+i). Which route an
   upstream takes is decided on its first draw of m > 1 and cached (``sample_via``): a
   llama.cpp server (``GET /props`` names its slots) draws each candidate in its own request
-  on a pinned slot (``id_slot``, round robin), so a ``followup`` probe can go back to the slot
-  that holds the candidate's prefix (``PREFIX_SLOT``) and each candidate's usage is its own
+  on a pinned slot (``id_slot``: seed mod slots, else round robin), so a ``followup`` probe
+  can go back to the slot that holds the candidate's prefix (``PREFIX_SLOT``) and each
+  candidate's usage is its own
   (llama.cpp takes ``n`` only up to its slot count and reports one choice's usage; the price
   of pinning: under concurrent decisions a request may wait for its slot while another slot
   is idle, which llama.cpp's own slot choice would have used); any other
@@ -208,7 +209,7 @@ class OpenAICompatBackend(Backend):
                 model_id=self.model_id,
             )
         self._templates: bool | None = None  # does the server render chats (/apply-template)?
-        #: llama.cpp slots that candidates are pinned to, round robin (``id_slot``); None until
+        #: llama.cpp slots that candidates are pinned to (``id_slot``, see ``_pin``); None until
         #: ``GET /props`` was asked, 0 = no pinning (not llama.cpp, or the caller said so)
         self.slots = slots
         self._next_slot = 0
@@ -369,15 +370,20 @@ class OpenAICompatBackend(Backend):
         todo = range(len(first), n)
         seeds = [None if config.seed is None else config.seed + i for i in todo]
         rest = await asyncio.gather(
-            *(self._one_sample(messages, config, s, self._pin()) for s in seeds)
+            *(self._one_sample(messages, config, s, self._pin(s)) for s in seeds)
         )
         return first + list(rest)
 
-    def _pin(self) -> int | None:
-        """The next llama.cpp slot, round robin (None when slots are not pinned): successive
-        candidates, also across an adaptive decision's two draws, land on different slots."""
+    def _pin(self, seed: int | None) -> int | None:
+        """The llama.cpp slot of a candidate (None when slots are not pinned). A seeded
+        candidate goes to slot seed mod slots: the same request always lands on the same slot
+        (its cached prefix, hence its numerics and its seeded sample, are reproducible), and a
+        decision's candidates, seeded seed + i, also across an adaptive decision's two draws,
+        land on different slots. Unseeded ones go round robin."""
         if not self.slots:
             return None
+        if seed is not None:
+            return seed % self.slots
         slot = self._next_slot % self.slots
         self._next_slot += 1
         return slot
