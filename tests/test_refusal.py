@@ -280,3 +280,12 @@ def test_cache_only_backend_makes_no_model_call() -> None:
     with pytest.raises(BackendError, match="not in the cache"):
         asyncio.run(cached.sample([Message("user", "q")], 2, SamplingConfig(seed=1)))
     assert cached.model_calls == 2  # the misses are counted
+
+
+def test_the_cli_offers_exactly_the_detector_modes() -> None:
+    from typing import get_args
+
+    from safetygame.cli._common import REFUSAL_MODES
+    from safetygame.eval.refusal import Mode
+
+    assert get_args(Mode) == REFUSAL_MODES

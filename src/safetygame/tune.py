@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # `ask` and `serve` import this module: the eval stack loads 
     from safetygame.cache import ScoreCache
     from safetygame.eval.custom import CustomData
     from safetygame.eval.harness import EvalConfig
+    from safetygame.eval.refusal import Mode
     from safetygame.eval.stats import BudgetChoice
 
 __all__ = [
@@ -297,7 +298,7 @@ async def tune_budget_from_data(
     cfg: EvalConfig,
     cache: ScoreCache | None,
     *,
-    refusal_mode: Any = "pattern",
+    refusal_mode: Mode = "pattern",
     progress: bool = False,
 ) -> BudgetTuning:
     """Tune the policy's budget on the dev split of ``data`` (the split ``eval custom``
@@ -346,7 +347,7 @@ async def _tune_open(
     data: CustomData,
     cfg: EvalConfig,
     cache: ScoreCache | None,
-    refusal_mode: Any,
+    refusal_mode: Mode,
     progress: bool,
 ) -> BudgetTuning:
     from safetygame.agent import Status

@@ -35,6 +35,21 @@ cache_option = click.option(
     default=None,
     help="Score cache file [default: the user cache].",
 )
+#: The refusal detector's modes (``safetygame.eval.refusal.Mode``; a test keeps them equal).
+REFUSAL_MODES = ("either", "both", "pattern", "probe")
+
+
+def refusal_mode_option(help_text: str) -> Callable[[F], F]:
+    """``--refusal-mode``: how the refusal detector combines patterns and probe."""
+    return click.option(
+        "--refusal-mode",
+        type=click.Choice(REFUSAL_MODES),
+        default="pattern",
+        show_default=True,
+        help=help_text,
+    )
+
+
 progress_option = click.option(
     "--progress/--no-progress",
     default=None,

@@ -21,6 +21,7 @@ from safetygame.cli._common import (
     policy_option,
     print_json,
     progress_option,
+    refusal_mode_option,
     show_progress,
 )
 from safetygame.errors import ConfigError
@@ -160,13 +161,7 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         help=f"Where to save the EvalLog [default: {default_out}].",
     )
     @cache_option
-    @click.option(
-        "--refusal-mode",
-        type=click.Choice(["either", "both", "pattern", "probe"]),
-        default="pattern",
-        show_default=True,
-        help="How the refusal detector combines patterns and probe (open-ended).",
-    )
+    @refusal_mode_option("How the refusal detector combines patterns and probe (open-ended).")
     @parallel_option
     @click.option(
         "--cache-only",

@@ -28,6 +28,7 @@ from safetygame.cli._common import (
     policy_option,
     print_json,
     progress_option,
+    refusal_mode_option,
     show_progress,
 )
 from safetygame.errors import ConfigError
@@ -67,13 +68,7 @@ from safetygame.policy import load_policy
     default=None,
     help="FILE: seeded sub-sample of N items (dev + test), as in `eval custom`.",
 )
-@click.option(
-    "--refusal-mode",
-    type=click.Choice(["either", "both", "pattern", "probe"]),
-    default="pattern",
-    show_default=True,
-    help="FILE (refusal study): how the refusal detector combines patterns and probe.",
-)
+@refusal_mode_option("FILE (refusal study): how the refusal detector combines patterns and probe.")
 @progress_option
 @json_option
 @clean_errors

@@ -33,7 +33,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -134,7 +134,7 @@ class RefusalDetector:
         threshold: float = 0.5,
         question: str = REFUSAL_QUESTION,
     ) -> None:
-        if mode not in ("either", "both", "pattern", "probe"):
+        if mode not in get_args(Mode):
             raise ConfigError(f"mode must be either/both/pattern/probe, not {mode!r}")
         if mode != "pattern" and judge is None:
             raise ConfigError(f"mode {mode!r} needs a judge")
