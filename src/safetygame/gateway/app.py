@@ -459,50 +459,37 @@ class Gateway:
         4xx or 503. Nothing the game did not choose is ever sent; a client that leaves
         cancels the decision. It is in flight until its last event, and counted in
         ``requests_total`` with the status that event carries (``end``)."""
-        try:
-            async for chunk in self._late_events(
-                decide, req, tenant, request_id, t0, deadline, end
-            ):
-                yield chunk
-        finally:
-            end.close()
-
-    async def _late_events(
-        self,
-        decide: asyncio.Future[tuple[Decision, UpstreamClock] | Response],
-        req: ChatRequest,
-        tenant: str,
-        request_id: str,
-        t0: float,
-        deadline: float,
-        end: _StreamEnd,
-    ) -> AsyncIterator[str]:
         interval = self.settings.stream_keepalive
         try:
-            yield ": keep-alive\n\n"  # bytes with the headers: the wait is already one interval
-            while not decide.done():
-                done, _ = await asyncio.wait({decide}, timeout=interval)
-                if not done:
-                    yield ": keep-alive\n\n"
-            outcome = decide.result()
-            response = (
-                outcome
-                if isinstance(outcome, Response)
-                else await self._answer(*outcome, req, tenant, request_id, t0, deadline)
-            )
-        except Exception as exc:  # after the headers: the client gets a generic error event
-            log.error("request %s: unhandled %s in a late stream", request_id, type(exc).__name__)
-            response = _error(500, "Internal error.", "server_error", code="internal_error")
+            try:
+                yield ": keep-alive\n\n"  # bytes with the headers: the wait is already one interval
+                while not decide.done():
+                    done, _ = await asyncio.wait({decide}, timeout=interval)
+                    if not done:
+                        yield ": keep-alive\n\n"
+                outcome = decide.result()
+                response = (
+                    outcome
+                    if isinstance(outcome, Response)
+                    else await self._answer(*outcome, req, tenant, request_id, t0, deadline)
+                )
+            except Exception as exc:  # after the headers: the client gets a generic error event
+                log.error(
+                    "request %s: unhandled %s in a late stream", request_id, type(exc).__name__
+                )
+                response = _error(500, "Internal error.", "server_error", code="internal_error")
+            finally:
+                if not decide.done():
+                    decide.cancel()
+            if isinstance(response, StreamingResponse):
+                async for chunk in response.body_iterator:
+                    yield chunk if isinstance(chunk, str) else bytes(chunk).decode("utf-8")
+            else:
+                yield "data: " + bytes(response.body).decode("utf-8") + "\n\n"
+                yield "data: [DONE]\n\n"
+            end.code = str(response.status_code)  # sent whole: the status its events carried
         finally:
-            if not decide.done():
-                decide.cancel()
-        if isinstance(response, StreamingResponse):
-            async for chunk in response.body_iterator:
-                yield chunk if isinstance(chunk, str) else bytes(chunk).decode("utf-8")
-        else:
-            yield "data: " + bytes(response.body).decode("utf-8") + "\n\n"
-            yield "data: [DONE]\n\n"
-        end.code = str(response.status_code)  # sent whole: the status its events carried
+            end.close()
 
     async def _moderate(
         self, request: Request, tenant: str, request_id: str, t0: float
