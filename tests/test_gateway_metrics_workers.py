@@ -28,18 +28,10 @@ from safetygame.bench.gateway import child_pids, upstream_in_thread
 from safetygame.errors import ConfigError
 from safetygame.gateway.metrics import GatewayMetrics, multiprocess_values
 from safetygame.gateway.workers import run_workers
+from test_gateway import parse_prometheus
 
 SERVE = [sys.executable, "-c", "from safetygame.cli import main; main()", "serve"]
 REQUESTS = "safetygame_requests_total"
-
-
-def parse(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def total(m: dict[str, float], name: str) -> float:
@@ -78,7 +70,7 @@ def scrape(http: httpx.Client) -> dict[str, float]:
     r = http.get("/metrics", headers={"connection": "close"})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return parse(r.text)
+    return parse_prometheus(r.text)
 
 
 def test_two_workers_report_the_totals_whichever_answers(tmp_path: Path) -> None:

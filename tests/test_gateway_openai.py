@@ -3,6 +3,7 @@ uvicorn, with the real SmolLM2-135M (llama.cpp) as the upstream model."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,23 +24,32 @@ pytestmark = pytest.mark.model
 KEY = "sg-acceptance-key-0123456789abcdefghij"
 
 
-@pytest.fixture(scope="module")
-def gateway(
-    smollm2_backend: EmbeddedLlamaBackend, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, Path]]:
-    root = tmp_path_factory.mktemp("gw")
+@contextlib.contextmanager
+def serve_gateway(backend: EmbeddedLlamaBackend, root: Path, **settings: Any) -> Iterator[str]:
+    """A one-tenant gateway (key ``KEY``) on the small model with a fast policy (m = 2, 16
+    tokens), its files and audit log under ``root``."""
     data = load_policy().model_dump(mode="json")
     data.update(version="accept-1")
     data["sampling"].update(n=2, max_tokens=16)  # a fast game on the small model
     (root / "policy.yml").write_text(yaml.safe_dump(data))
     tenants = {"tenants": {"acme": {"policy": "policy.yml", "keys": [hash_key(KEY)]}}}
     (root / "tenants.yml").write_text(yaml.safe_dump(tenants))
-    settings = GatewaySettings(
+    config = GatewaySettings(
         tenants_file=root / "tenants.yml",
         audit_url=f"sqlite:///{root / 'audit.db'}",
         decision_timeout=600,  # a shared 2-core machine can be slow; the test checks answers
+        **settings,
     )
-    with serve_in_thread(create_app(smollm2_backend, settings)) as url:
+    with serve_in_thread(create_app(backend, config)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    smollm2_backend: EmbeddedLlamaBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("gw")
+    with serve_gateway(smollm2_backend, root) as url:
         yield url, root
 
 
@@ -129,19 +139,9 @@ def keepalive_gateway(
 ) -> Iterator[str]:
     """The same gateway with keep-alives from the first 10 ms: every streamed decision here
     takes longer, so its headers go out before the decision and comments fill the wait."""
-    root = tmp_path_factory.mktemp("gw_keepalive")
-    data = load_policy().model_dump(mode="json")
-    data["sampling"].update(n=2, max_tokens=16)
-    (root / "policy.yml").write_text(yaml.safe_dump(data))
-    tenants = {"tenants": {"acme": {"policy": "policy.yml", "keys": [hash_key(KEY)]}}}
-    (root / "tenants.yml").write_text(yaml.safe_dump(tenants))
-    settings = GatewaySettings(
-        tenants_file=root / "tenants.yml",
-        audit_url=f"sqlite:///{root / 'audit.db'}",
-        decision_timeout=600,
-        stream_keepalive=0.01,
-    )
-    with serve_in_thread(create_app(smollm2_backend, settings)) as url:
+    with serve_gateway(
+        smollm2_backend, tmp_path_factory.mktemp("gw_keepalive"), stream_keepalive=0.01
+    ) as url:
         yield url
 
 

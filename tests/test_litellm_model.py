@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import stop_process
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-list fetch at import
 pytest.importorskip("litellm")
 openai = pytest.importorskip("openai")
@@ -109,12 +111,7 @@ def proxy(llama_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         print(f"\nlitellm proxy start-up: {start_s:.1f} s")
         yield Proxy(url, key, start_s)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 def test_proxy_answers_through_the_game_and_fills_up_missing_choices(proxy: Proxy) -> None:
