@@ -42,7 +42,7 @@ from safetygame.features import (
     reader_for,
 )
 from safetygame.guards import GUARD_DESIGNS
-from safetygame.heads import Head, LogisticModel, fit_logistic, load_head
+from safetygame.heads import Head, LogisticModel, Objective, fit_logistic, load_head
 from safetygame.policy import Policy
 from safetygame.probes import (
     LLMJudge,
@@ -55,6 +55,7 @@ from safetygame.probes import (
 
 __all__ = [
     "DESIGNS",
+    "HEAD_DESIGNS",
     "CalibratedScorer",
     "Calibrator",
     "EmbeddingScorer",
@@ -740,9 +741,13 @@ def _embed(backend: Backend, policy: Policy, cache: ScoreCache | None, kind: Pro
 
 
 DESIGNS["embed"] = _embed
-DESIGNS["head"] = _head_design("logistic")
-DESIGNS["head-bt"] = _head_design("bradley_terry")
-DESIGNS["head-gated"] = _head_design("gated")
+#: design name -> the objective of the shipped head it plays (``safetygame.heads``)
+HEAD_DESIGNS: dict[str, Objective] = {
+    "head": "logistic",
+    "head-bt": "bradley_terry",
+    "head-gated": "gated",
+}
+DESIGNS.update({name: _head_design(obj) for name, obj in HEAD_DESIGNS.items()})
 DESIGNS["pairwise-refusal"] = _pairwise_refusal
 DESIGNS.update(GUARD_DESIGNS)  # guard models: llama-guard-3, shieldgemma, granite-guardian, ...
 

@@ -70,7 +70,7 @@ def _f(x: Any) -> str:
 def list_cmd(as_json: bool) -> None:
     """Every design a policy can name, with its artefact, cost and measured quality."""
     from safetygame.heads import HEADS_DIR
-    from safetygame.scorers import DESIGNS, shipped_heads
+    from safetygame.scorers import DESIGNS, HEAD_DESIGNS, shipped_heads
 
     quality: dict[str, Any] = {}
     ms: dict[str, Any] = {}
@@ -81,9 +81,7 @@ def list_cmd(as_json: bool) -> None:
     rows: list[dict[str, Any]] = []
     heads = shipped_heads()
     for name in sorted(DESIGNS):
-        objective = {"head": "logistic", "head-bt": "bradley_terry", "head-gated": "gated"}.get(
-            name
-        )
+        objective = HEAD_DESIGNS.get(name)
         arts = [h for h in heads if h.objective == objective] if objective else []
         if not arts:
             rows.append({"design": name, "artefact": None, "cost": COSTS.get(name, "-")})
