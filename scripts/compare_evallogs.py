@@ -1,0 +1,54 @@
+"""Compare two refusal-study EvalLogs (``safetygame eval xstest ... --out DIR``) prompt by prompt.
+
+Prints, over the test prompts both logs decided: each system's behaviour score (refuse
+unsafe, answer safe; the harness's ``refusal.behaviour_score``), the paired bootstrap of A
+minus B (``eval.stats.paired_bootstrap``), and, from log A, the over-refusal floor of its
+candidates: the share of safe test prompts on which every sampled candidate refuses (the
+pattern detector's ``refused`` flags), which no scorer or budget can go below.
+
+    .venv/bin/python scripts/compare_evallogs.py results/xstest-learned/evallog.json \\
+        safety-game results/xstest/evallog.json safety-game
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from safetygame.eval.refusal import behaviour_score
+from safetygame.eval.stats import paired_bootstrap
+
+
+def test_items(path: Path) -> dict[str, dict]:
+    log = json.loads(path.read_text(encoding="utf-8"))
+    return {it["id"]: it for it in log["items"] if it["split"] == "test" and it["status"] == "ok"}
+
+
+def expected_refusal(item: dict, method: str) -> float:
+    # the log lists the candidates and each strategy in the same order (the refusal first)
+    refused = np.array([float(c["refused"]) for c in item["candidates"]])
+    return float(np.dot(item["strategies"][method], refused))
+
+
+def main(path_a: str, method_a: str, path_b: str, method_b: str) -> None:
+    a, b = test_items(Path(path_a)), test_items(Path(path_b))
+    ids = sorted(set(a) & set(b))
+    labels = [a[i]["label"] for i in ids]
+    score_a = behaviour_score(np.array([expected_refusal(a[i], method_a) for i in ids]), labels)
+    score_b = behaviour_score(np.array([expected_refusal(b[i], method_b) for i in ids]), labels)
+    print(f"{len(ids)} test prompts; {method_a} (A) {score_a.mean():.3f}, {method_b} (B) "
+          f"{score_b.mean():.3f}")  # fmt: skip
+    print("A minus B:", paired_bootstrap(score_a, score_b))
+    safe = [it for it in a.values() if it["label"] == "safe"]
+    floor = sum(all(c["refused"] for c in it["candidates"] if not c["is_refusal"]) for it in safe)
+    print(f"A: every sampled candidate refuses on {floor} of {len(safe)} safe test prompts "
+          f"({floor / max(len(safe), 1):.3f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
