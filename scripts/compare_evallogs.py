@@ -23,8 +23,12 @@ from safetygame.eval.stats import paired_bootstrap
 
 
 def test_items(path: Path) -> dict[str, dict]:
-    log = json.loads(path.read_text(encoding="utf-8"))
-    return {it["id"]: it for it in log["items"] if it["split"] == "test" and it["status"] == "ok"}
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+        items = log["items"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"{path}: not a readable EvalLog ({exc!r}); give the evallog.json of a run")
+    return {it["id"]: it for it in items if it["split"] == "test" and it["status"] == "ok"}
 
 
 def expected_refusal(item: dict, method: str) -> float:
@@ -36,6 +40,11 @@ def expected_refusal(item: dict, method: str) -> float:
 def main(path_a: str, method_a: str, path_b: str, method_b: str) -> None:
     a, b = test_items(Path(path_a)), test_items(Path(path_b))
     ids = sorted(set(a) & set(b))
+    for log, method in ((a, method_a), (b, method_b)):
+        if ids and method not in log[ids[0]]["strategies"]:
+            sys.exit(f"no system {method!r}; the logs have {sorted(log[ids[0]]['strategies'])}")
+    if not ids:
+        sys.exit("the two logs share no decided test prompt")
     labels = [a[i]["label"] for i in ids]
     score_a = behaviour_score(np.array([expected_refusal(a[i], method_a) for i in ids]), labels)
     score_b = behaviour_score(np.array([expected_refusal(b[i], method_b) for i in ids]), labels)
