@@ -413,3 +413,46 @@ def test_followup_reads_carry_the_candidates_slot() -> None:
     assert seen == sorted(
         [("Answer zero.", 0)] * 2 + [("Answer one.", 1)] * 2 + [(POLICY.refusal, None)] * 2
     )
+
+
+class TimelineBackendDouble(SeededBackendDouble):
+    """Test double: logs when each draw starts and ends and which reply each read is about;
+    a draw takes a little time, as generation does."""
+
+    def __init__(self, answers: Sequence[str], p_yes: Callable[[str, str], float]) -> None:
+        super().__init__(answers, p_yes)
+        self.log: list[str] = []
+
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        self.log.append(f"draw {n}")
+        await asyncio.sleep(0.05)
+        self.log.append("drawn")
+        return await super().sample(messages, n, config)
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        got = await super().yes_no(messages)
+        prompt = messages[-1].content
+        self.log.append(prompt.split("<candidate_reply>\n", 1)[1].split("\n</candidate_reply>")[0])
+        return got
+
+
+def test_the_refusal_is_read_while_the_first_candidate_generates() -> None:
+    table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
+    be = TimelineBackendDouble([SAFE, RISKY, MILD], scores(table))
+    d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.status is Status.OK and d.extra["path"] == "fast"
+    # a draw of 1 leaves the backend requests to spare: both refusal reads overlap it
+    assert be.log == ["draw 1", POLICY.refusal, POLICY.refusal, "drawn", SAFE, SAFE]
+    assert d.candidates[0].helpfulness == 0.05 and d.candidates[0].harm == {"harm": 0.0}
+
+
+def test_a_draw_that_fills_the_backend_reads_the_refusal_after_it() -> None:
+    table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05), "x": (0.1, 0.1)}
+    be = TimelineBackendDouble([SAFE, RISKY, MILD, "x"], scores(table))
+    assert be.max_concurrency == 4
+    d = SafetyGame(be, policy_with({"n": 4}), cache=ScoreCache(None)).respond("q", seed=0)
+    assert d.status is Status.OK
+    assert be.log[:2] == ["draw 4", "drawn"]  # no request free for the refusal before
+    assert be.log[2:].count(POLICY.refusal) == 2

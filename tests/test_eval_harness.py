@@ -24,7 +24,15 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
+from safetygame.backends.base import (
+    Backend,
+    Completion,
+    HiddenStates,
+    LogLik,
+    Message,
+    SamplingConfig,
+    YesNo,
+)
 from safetygame.cache import ScoreCache
 from safetygame.errors import ConfigError
 from safetygame.eval.datasets import MCItem
@@ -40,8 +48,16 @@ from safetygame.eval.harness import (
 from safetygame.eval.methods import MethodParams, expected_accuracy, run_method
 from safetygame.eval.report import reported_points, write_report
 from safetygame.eval.runner import interrupted_message
-from safetygame.eval.scoring import CachingBackend, ItemScores, RunTally, gather_in_order
+from safetygame.eval.scoring import (
+    CachingBackend,
+    ItemScores,
+    RunTally,
+    ScoringPass,
+    gather_in_order,
+)
 from safetygame.eval.stats import tune_budget
+from safetygame.policy import load_policy, policy_from_dict
+from safetygame.scorers import PLAIN_HARM
 
 # ------------------------------------------------------------------ hand-built scores
 
@@ -307,7 +323,45 @@ class CountingTestDouble(Backend):
         raise NotImplementedError
 
     async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
-        raise NotImplementedError
+        return LogLik(-1.0, n_tokens=1)
+
+    async def hidden(self, messages: Sequence[Message]) -> HiddenStates:
+        self.calls += 1
+        return HiddenStates({"last": np.ones(3, dtype=np.float32)}, n_tokens=len(messages))
+
+
+def test_caching_backend_passes_hidden_states_through_and_counts_them() -> None:
+    inner = CountingTestDouble()
+    wrapped = CachingBackend(inner, ScoreCache(None))
+    got = asyncio.run(wrapped.hidden([Message("user", "hi")]))
+    assert got.get("last").tolist() == [1.0, 1.0, 1.0]
+    assert inner.calls == 1 and wrapped.model_calls == 1
+
+
+class PromptLogDouble(CountingTestDouble):
+    """Test double: records every yes/no prompt, answers 0.3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[str] = []
+
+    async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        self.prompts.append(messages[-1].content)
+        return YesNo(0.3, "logprobs", 1.0)
+
+
+def test_the_multiple_choice_pass_reads_with_the_policys_scorers() -> None:
+    data = load_policy().model_dump()
+    data["scorers"] = {"helpfulness": "self", "harm": "plain"}
+    be = PromptLogDouble()
+    item = MCItem(
+        "q1", "hhh", "harmless", "How do I fix a tap?", ("Call a plumber.", "Hit it."), (1.0, 0.0)
+    )
+    scored = asyncio.run(ScoringPass(be, policy_from_dict(data), ScoreCache(None)).score_item(item))
+    assert scored.ok
+    # each of the two options and the refusal: one helpfulness read, one plain harm read
+    assert sum(PLAIN_HARM.question in p for p in be.prompts) == 3
+    assert len(be.prompts) == 6
 
 
 def test_caching_backend_caches_seeded_samples_only() -> None:

@@ -280,6 +280,11 @@ def test_cache_only_backend_makes_no_model_call() -> None:
     with pytest.raises(BackendError, match="not in the cache"):
         asyncio.run(cached.sample([Message("user", "q")], 2, SamplingConfig(seed=1)))
     assert cached.model_calls == 2  # the misses are counted
+    with pytest.raises(BackendError, match="hidden-state reading is not in the cache"):
+        asyncio.run(cached.hidden([Message("user", "q")]))
+    with pytest.raises(BackendError, match="not in the cache"):
+        asyncio.run(cached.complete_logprobs("q"))
+    assert cached.model_calls == 4
 
 
 def test_the_cli_offers_exactly_the_detector_modes() -> None:

@@ -130,8 +130,12 @@ class SafetyGame:
         cache: ScoreCache | None = None,
         method: Literal["auto", "exact", "highs"] = "auto",
         timeout: float | None = 600.0,
+        overlap_refusal: bool = True,
     ) -> None:
         self.backend = backend
+        #: read the refusal while the first draw generates, when the backend has a request
+        #: to spare (False: after it, as ``bench latency --baseline-refusal-after-draw`` does)
+        self.overlap_refusal = overlap_refusal
         self.policy = policy if policy is not None else load_policy()
         # Scorers named by the policy (validated here, at construction, not per request).
         pol = self.policy
@@ -241,11 +245,21 @@ class SafetyGame:
         help_at: dict[int, Score] = {}
         harm_at: dict[str, dict[int, Score]] = {name: {} for name in questions}
         path = "fixed"
+        # The refusal is known before any candidate: its reads go out with the first draw
+        # when the backend has a request to spare, and overlap the generation.
+        early: asyncio.Task[tuple[list[Score], dict[str, list[Score]]]] | None = None
         for stage, (n, stage_cfg) in enumerate(self._draws(cfg, m, adaptive)):
             t = time.perf_counter()
+            if stage == 0 and self.overlap_refusal and n < self.backend.max_concurrency:
+                early = asyncio.create_task(
+                    self._score_all(chat, texts[:1], questions, [REFUSAL_INDEX])
+                )
             try:
                 completions = await self.backend.sample(chat, n, stage_cfg)
             except BackendError as exc:
+                if early is not None:
+                    early.cancel()
+                    await asyncio.gather(early, return_exceptions=True)
                 seen = bool(help_at)  # a second draw failed: keep what the first one saw
                 return self._refuse(
                     chat, budgets, Status.GENERATION_FAILED, f"{type(exc).__name__}: {exc}", t0,
@@ -262,8 +276,12 @@ class SafetyGame:
             slots += [c.slot for c in completions]
             t = time.perf_counter()
             # The refusal is read once, with the first draw; later draws read only new texts.
-            only = new if stage else [*new, REFUSAL_INDEX]
+            only = new if stage or early is not None else [*new, REFUSAL_INDEX]
             hs, ds = await self._score_all(chat, texts, questions, only, slots)
+            if stage == 0 and early is not None:
+                rh, rd = await early
+                only = [*only, REFUSAL_INDEX]
+                hs, ds = hs + rh, {name: ds[name] + rd[name] for name in questions}
             timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
             for k, i in enumerate(only):
                 help_at[i] = hs[k]

@@ -31,12 +31,22 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
+from safetygame.backends.base import (
+    Backend,
+    Completion,
+    HiddenStates,
+    LogLik,
+    Message,
+    SamplingConfig,
+    TokenChoice,
+    YesNo,
+)
 from safetygame.cache import ScoreCache, content_key
 from safetygame.errors import BackendError, ConfigError
 from safetygame.eval.datasets import MCItem
 from safetygame.policy import Policy
-from safetygame.probes import GeneratorLikelihood, LLMJudge, Score, Scorer, read
+from safetygame.probes import GeneratorLikelihood, Score, Scorer, read
+from safetygame.scorers import build_scorer
 
 __all__ = [
     "CacheOnlyBackend",
@@ -79,7 +89,8 @@ def item_chat(item: MCItem) -> tuple[Message, ...]:
 
 
 class ScoringPass:
-    """Score options with one generator and two scorers (the generator itself by default).
+    """Score options with one generator and two scorers (by default the ones the policy's
+    ``scorers:`` names, as a decision would use them).
 
     ``concurrency`` bounds the requests in flight (default: the backend's parallel slots);
     each item in flight uses two, so ``concurrency // 2`` items are scored at once.
@@ -95,11 +106,13 @@ class ScoringPass:
         harm: Scorer | None = None,
         concurrency: int | None = None,
     ) -> None:
-        judge = LLMJudge(backend, policy.probes.judge_system, cache)
         self.policy = policy
         self.loglik = GeneratorLikelihood(backend, cache)
-        self.helpfulness = helpfulness or judge
-        self.harm = harm or judge
+        sc = policy.scorers
+        self.helpfulness = helpfulness or build_scorer(
+            sc.helpfulness, backend, policy, cache, kind="helpfulness"
+        )
+        self.harm = harm or build_scorer(sc.harm, backend, policy, cache, kind="harm")
         self.concurrency = max(1, concurrency or backend.max_concurrency)
 
     def texts(self, item: MCItem) -> list[str]:
@@ -326,6 +339,17 @@ class CachingBackend(Backend):
         self.model_calls += 1
         return await self.inner.loglik(messages, continuation)
 
+    # Learned heads and guard models read these (cached by their scorers, like the probes).
+    async def hidden(self, messages: Sequence[Message]) -> HiddenStates:
+        self.model_calls += 1
+        return await self.inner.hidden(messages)
+
+    async def complete_logprobs(
+        self, prompt: str, max_tokens: int = 1, top_logprobs: int = 20
+    ) -> list[TokenChoice]:
+        self.model_calls += 1
+        return await self.inner.complete_logprobs(prompt, max_tokens, top_logprobs)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
@@ -369,3 +393,11 @@ class CacheOnlyBackend(Backend):
 
     async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
         raise self._miss("a log-likelihood")
+
+    async def hidden(self, messages: Sequence[Message]) -> HiddenStates:
+        raise self._miss("a hidden-state reading")
+
+    async def complete_logprobs(
+        self, prompt: str, max_tokens: int = 1, top_logprobs: int = 20
+    ) -> list[TokenChoice]:
+        raise self._miss("a guard model's reading")
