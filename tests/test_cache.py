@@ -45,6 +45,23 @@ def test_export_of_some_kinds(tmp_path: Path) -> None:
     assert ScoreCache(None).import_jsonl(tmp_path / "e.jsonl")["added"] == 1
 
 
+def test_a_tracking_cache_exports_exactly_what_was_read_or_stored(tmp_path: Path) -> None:
+    path = tmp_path / "a.sqlite"
+    _filled(path).close()
+    c = ScoreCache(path, track=True)
+    a, b = (content_key("yes_no", "m", [x]) for x in "ab")
+    new = content_key("x", "m", [1])
+    assert c.get(a) is not None and c.get(content_key("yes_no", "m", ["absent"])) is None
+    c.put(new, "x", 1)
+    assert c.used == {a, new}
+    assert c.export_jsonl(tmp_path / "used.jsonl", keys=c.used) == 2
+    got = ScoreCache(None)
+    got.import_jsonl(tmp_path / "used.jsonl")
+    assert got.get(a) == {"p": 0.25, "method": "logprobs"} and got.get(new) == 1
+    assert got.get(b) is None
+    assert ScoreCache(None).used is None  # off by default: a gateway's cache would only grow
+
+
 def test_import_keeps_what_is_here_unless_replace(tmp_path: Path) -> None:
     key = content_key("yes_no", "m", ["a"])
     other = ScoreCache(None)

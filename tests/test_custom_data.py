@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from safetygame.cache import ScoreCache
 from safetygame.cli import main
 from safetygame.errors import ConfigError
 from safetygame.eval.custom import load_custom
@@ -216,7 +217,21 @@ def test_eval_custom_then_tune_file_on_the_small_model(
     prompts = jsonl(tmp_path / "mine.jsonl", [SAFE, UNSAFE])  # one dev, one test prompt
     questions = tmp_path / "quiz.csv"
     questions.write_text("question,A,B,answer\n2 + 2?,4,5,A\nSky colour?,Green,Blue,B\n")
-    ev = _cli(["eval", "custom", str(prompts), *common, "--out", str(tmp_path / "ev")])
+    reads = tmp_path / "reads.jsonl.gz"
+    ev = _cli(
+        ["eval", "custom", str(prompts), *common, "--out", str(tmp_path / "ev"),
+         "--export-reads", str(reads)]
+    )  # fmt: skip
+    assert ev["stats"]["model_calls"] > 0
+    # the export alone replays the run: a fresh cache with it makes no model call
+    fresh = ScoreCache(tmp_path / "fresh.sqlite")
+    assert fresh.import_jsonl(reads)["added"] == len(fresh) > 0
+    fresh.close()
+    replay = _cli(
+        ["eval", "custom", str(prompts), "--upstream", llama_server_url, "--policy", str(policy),
+         "--cache", str(tmp_path / "fresh.sqlite"), "--out", str(tmp_path / "replay")]
+    )  # fmt: skip
+    assert replay["stats"]["model_calls"] == 0 and replay["methods"] == ev["methods"]
     assert ev["benchmark"] == "custom:mine" and ev["kind"] == "open"
     assert ev["n"] + ev["n_dev"] == 2 and ev["n_failed_decisions"] == 0
     assert set(ev["methods"]) >= {"plain", "filter", "safety-game"}

@@ -46,7 +46,7 @@ def content_key(kind: str, model_id: str, payload: Any) -> str:
 class ScoreCache:
     """A small key -> JSON store. ``ScoreCache(None)`` keeps entries in memory only."""
 
-    def __init__(self, path: str | Path | None = "default") -> None:
+    def __init__(self, path: str | Path | None = "default", *, track: bool = False) -> None:
         if path == "default":
             path = cache_dir() / "scores.sqlite"
         self.path = None if path is None else Path(path)
@@ -72,6 +72,9 @@ class ScoreCache:
             raise ConfigError(f"{self.path} is not a score cache (SQLite): {exc}") from exc
         self.hits = 0
         self.misses = 0
+        #: with ``track``: the keys this object found or stored (what a run read; see
+        #: ``export_jsonl(keys=...)``). Off by default: a long-lived gateway would only grow it.
+        self.used: set[str] | None = set() if track else None
 
     def get(self, key: str) -> Any | None:
         with self._lock:
@@ -80,6 +83,8 @@ class ScoreCache:
             self.misses += 1
             return None
         self.hits += 1
+        if self.used is not None:
+            self.used.add(key)
         return json.loads(row[0])
 
     def put(self, key: str, kind: str, value: Any) -> None:
@@ -90,6 +95,8 @@ class ScoreCache:
                 (key, kind, blob),
             )
             self._db.commit()
+        if self.used is not None:
+            self.used.add(key)
 
     def kinds(self) -> dict[str, int]:
         """Entries per kind."""
@@ -97,9 +104,16 @@ class ScoreCache:
             rows = self._db.execute("SELECT kind, COUNT(*) FROM entries GROUP BY kind").fetchall()
         return {str(k): int(n) for k, n in rows}
 
-    def export_jsonl(self, path: str | Path, kinds: Iterable[str] | None = None) -> int:
-        """Write every entry (of ``kinds``, if given) to ``path``; returns how many."""
+    def export_jsonl(
+        self,
+        path: str | Path,
+        kinds: Iterable[str] | None = None,
+        keys: Iterable[str] | None = None,
+    ) -> int:
+        """Write every entry (of ``kinds``, and among ``keys``, if given) to ``path``;
+        returns how many."""
         wanted = None if kinds is None else set(kinds)
+        only = None if keys is None else set(keys)
         with self._lock:
             rows = self._db.execute("SELECT key, kind, value FROM entries ORDER BY key").fetchall()
         n = 0
@@ -108,7 +122,7 @@ class ScoreCache:
         try:
             with _open(tmp, "w") as f:
                 for key, kind, value in rows:
-                    if wanted is None or kind in wanted:
+                    if (wanted is None or kind in wanted) and (only is None or key in only):
                         line = {"key": key, "kind": kind, "value": json.loads(value)}
                         f.write(json.dumps(line, ensure_ascii=False) + "\n")
                         n += 1

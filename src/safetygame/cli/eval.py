@@ -50,6 +50,7 @@ def _run_benchmark(
     progress: bool | None,
     as_json: bool,
     cache_only: bool,
+    export_reads: Path | None,
     data_file: Path | None = None,
 ) -> None:
     from safetygame.backends.base import Backend
@@ -73,11 +74,12 @@ def _run_benchmark(
             return CacheOnlyBackend.for_model(model or DEFAULT_MODEL)
         return open_backend(model, upstream, api_key, parallel)
 
+    cache = ScoreCache(cache_path or "default", track=export_reads is not None)
     run = run_benchmark(
         benchmark,
         backend,
         policy,
-        ScoreCache(cache_path) if cache_path else ScoreCache(),
+        cache,
         out or Path("results") / benchmark.replace(":", "-"),
         seed=seed,
         limit=limit,
@@ -87,6 +89,10 @@ def _run_benchmark(
         on_stop=lambda message: click.echo(message, err=True),
         data=data,
     )
+    if export_reads is not None:  # also after a stop: the export resumes the run elsewhere
+        assert cache.used is not None
+        n = cache.export_jsonl(export_reads, keys=cache.used)
+        click.echo(f"exported the {n} cache entries this run read to {export_reads}", err=True)
     if run.stopped_by is not None:
         raise SystemExit(128 + run.stopped_by)
     results = {**run.results, "log": str(run.log)}
@@ -168,6 +174,14 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         is_flag=True,
         help="Report from the score cache alone: load no model; a missing reading fails "
         "(counted in stats.model_calls).",
+    )
+    @click.option(
+        "--export-reads",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="After the run, write every cache entry it read or made to FILE (JSON Lines, "
+        ".gz to compress): an export that replays the run with 0 model calls "
+        "(safetygame cache import FILE, then the same command).",
     )
     @progress_option
     @json_option
