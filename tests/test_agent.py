@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from safetygame.agent import SafetyGame, Status
+from safetygame.agent import Decision, SafetyGame, Status
 from safetygame.backends.base import (
     PREFIX_SLOT,
     Backend,
@@ -456,3 +456,28 @@ def test_a_draw_that_fills_the_backend_reads_the_refusal_after_it() -> None:
     assert d.status is Status.OK
     assert be.log[:2] == ["draw 4", "drawn"]  # no request free for the refusal before
     assert be.log[2:].count(POLICY.refusal) == 2
+
+
+def test_a_timed_out_decision_stops_reading_the_refusal() -> None:
+    class SlowDouble(TimelineBackendDouble):
+        async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+            await asyncio.sleep(0.3)
+            return await super().yes_no(messages)
+
+        async def sample(
+            self, messages: Sequence[Message], n: int, config: SamplingConfig
+        ) -> list[Completion]:
+            await asyncio.sleep(5)
+            return await super().sample(messages, n, config)
+
+    be = SlowDouble([SAFE], scores({SAFE: (0.6, 0.02)}))
+    agent = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None), timeout=0.1)
+
+    async def go() -> Decision:
+        d = await agent.arespond("kettle?", seed=0)
+        await asyncio.sleep(0.5)  # a read left running would finish here
+        return d
+
+    d = asyncio.run(go())
+    assert d.status is Status.TIMEOUT and d.refused
+    assert POLICY.refusal not in be.log  # the refusal's reads were cancelled with it

@@ -248,54 +248,56 @@ class SafetyGame:
         # The refusal is known before any candidate: its reads go out with the first draw
         # when the backend has a request to spare, and overlap the generation.
         early: asyncio.Task[tuple[list[Score], dict[str, list[Score]]]] | None = None
-        for stage, (n, stage_cfg) in enumerate(self._draws(cfg, m, adaptive)):
-            t = time.perf_counter()
-            if stage == 0 and self.overlap_refusal and n < self.backend.max_concurrency:
-                early = asyncio.create_task(
-                    self._score_all(chat, texts[:1], questions, [REFUSAL_INDEX])
-                )
-            try:
-                completions = await self.backend.sample(chat, n, stage_cfg)
-            except BackendError as exc:
-                if early is not None:
-                    early.cancel()
-                    await asyncio.gather(early, return_exceptions=True)
-                seen = bool(help_at)  # a second draw failed: keep what the first one saw
-                return self._refuse(
-                    chat, budgets, Status.GENERATION_FAILED, f"{type(exc).__name__}: {exc}", t0,
-                    timings, texts=texts if seen else None,
-                    help_scores=_listed(help_at) if seen else None,
-                    harm_scores={k: _listed(v) for k, v in harm_at.items()} if seen else None,
-                    completion_tokens=completion_tokens if seen else None,
-                    extra={"path": "full", "drawn": len(texts) - 1} if seen else None,
-                )  # fmt: skip
-            timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t
-            new = list(range(len(texts), len(texts) + len(completions)))
-            texts += [c.text.strip() for c in completions]
-            completion_tokens += [c.completion_tokens for c in completions]
-            slots += [c.slot for c in completions]
-            t = time.perf_counter()
-            # The refusal is read once, with the first draw; later draws read only new texts.
-            only = new if stage or early is not None else [*new, REFUSAL_INDEX]
-            hs, ds = await self._score_all(chat, texts, questions, only, slots)
-            if stage == 0 and early is not None:
-                rh, rd = await early
-                only = [*only, REFUSAL_INDEX]
-                hs, ds = hs + rh, {name: ds[name] + rd[name] for name in questions}
-            timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
-            for k, i in enumerate(only):
-                help_at[i] = hs[k]
-                for name in questions:
-                    harm_at[name][i] = ds[name][k]
-            if not adaptive:
-                break
-            if stage == 0:
-                first = self._fast(texts, help_at, harm_at, budgets)
-                if first is None:
-                    path = "full"
-                    continue
-                path = "fast"
-                break
+        try:
+            for stage, (n, stage_cfg) in enumerate(self._draws(cfg, m, adaptive)):
+                t = time.perf_counter()
+                if stage == 0 and self.overlap_refusal and n < self.backend.max_concurrency:
+                    early = asyncio.create_task(
+                        self._score_all(chat, texts[:1], questions, [REFUSAL_INDEX])
+                    )
+                try:
+                    completions = await self.backend.sample(chat, n, stage_cfg)
+                except BackendError as exc:
+                    seen = bool(help_at)  # a second draw failed: keep what the first one saw
+                    return self._refuse(
+                        chat, budgets, Status.GENERATION_FAILED, f"{type(exc).__name__}: {exc}", t0,
+                        timings, texts=texts if seen else None,
+                        help_scores=_listed(help_at) if seen else None,
+                        harm_scores={k: _listed(v) for k, v in harm_at.items()} if seen else None,
+                        completion_tokens=completion_tokens if seen else None,
+                        extra={"path": "full", "drawn": len(texts) - 1} if seen else None,
+                    )  # fmt: skip
+                timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t
+                new = list(range(len(texts), len(texts) + len(completions)))
+                texts += [c.text.strip() for c in completions]
+                completion_tokens += [c.completion_tokens for c in completions]
+                slots += [c.slot for c in completions]
+                t = time.perf_counter()
+                # The refusal is read once, with the first draw; later draws read only new texts.
+                only = new if stage or early is not None else [*new, REFUSAL_INDEX]
+                hs, ds = await self._score_all(chat, texts, questions, only, slots)
+                if stage == 0 and early is not None:
+                    rh, rd = await early
+                    only = [*only, REFUSAL_INDEX]
+                    hs, ds = hs + rh, {name: ds[name] + rd[name] for name in questions}
+                timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
+                for k, i in enumerate(only):
+                    help_at[i] = hs[k]
+                    for name in questions:
+                        harm_at[name][i] = ds[name][k]
+                if not adaptive:
+                    break
+                if stage == 0:
+                    first = self._fast(texts, help_at, harm_at, budgets)
+                    if first is None:
+                        path = "full"
+                        continue
+                    path = "fast"
+                    break
+        finally:
+            if early is not None and not early.done():  # a failed draw, a timeout
+                early.cancel()
+
         help_scores = _listed(help_at)
         harm_scores = {name: _listed(v) for name, v in harm_at.items()}
         drawn = len(texts) - 1
