@@ -441,18 +441,25 @@ class TimelineBackendDouble(SeededBackendDouble):
 def test_the_refusal_is_read_while_the_first_candidate_generates() -> None:
     table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
     be = TimelineBackendDouble([SAFE, RISKY, MILD], scores(table))
-    d = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    pol = policy_with({**ADAPTIVE, "refusal_reads": "during"})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("kettle?", seed=0)
     assert d.status is Status.OK and d.extra["path"] == "fast"
     # a draw of 1 leaves the backend requests to spare: both refusal reads overlap it
     assert be.log == ["draw 1", POLICY.refusal, POLICY.refusal, "drawn", SAFE, SAFE]
     assert d.candidates[0].helpfulness == 0.05 and d.candidates[0].harm == {"harm": 0.0}
+    # the default reads them after the draw, with the candidate's: the same decision
+    after = TimelineBackendDouble([SAFE, RISKY, MILD], scores(table))
+    d2 = SafetyGame(after, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert after.log[:2] == ["draw 1", "drawn"] and after.log[2:].count(POLICY.refusal) == 2
+    assert d2.candidates == d.candidates and d2.chosen_text == d.chosen_text
 
 
 def test_a_draw_that_fills_the_backend_reads_the_refusal_after_it() -> None:
     table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05), "x": (0.1, 0.1)}
     be = TimelineBackendDouble([SAFE, RISKY, MILD, "x"], scores(table))
     assert be.max_concurrency == 4
-    d = SafetyGame(be, policy_with({"n": 4}), cache=ScoreCache(None)).respond("q", seed=0)
+    pol = policy_with({"n": 4, "refusal_reads": "during"})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("q", seed=0)
     assert d.status is Status.OK
     assert be.log[:2] == ["draw 4", "drawn"]  # no request free for the refusal before
     assert be.log[2:].count(POLICY.refusal) == 2
@@ -471,7 +478,8 @@ def test_a_timed_out_decision_stops_reading_the_refusal() -> None:
             return await super().sample(messages, n, config)
 
     be = SlowDouble([SAFE], scores({SAFE: (0.6, 0.02)}))
-    agent = SafetyGame(be, policy_with(ADAPTIVE), cache=ScoreCache(None), timeout=0.1)
+    pol = policy_with({**ADAPTIVE, "refusal_reads": "during"})
+    agent = SafetyGame(be, pol, cache=ScoreCache(None), timeout=0.1)
 
     async def go() -> Decision:
         d = await agent.arespond("kettle?", seed=0)

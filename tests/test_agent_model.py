@@ -118,16 +118,15 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
     except ConfigError as exc:  # the benchmark texts are not committed (licences, size)
         pytest.skip(f"benchmark data not available: {exc}")
     data = SMALL.model_dump(mode="json")
-    data["sampling"].update(mode="adaptive", n=2, max_tokens=8)
+    data["sampling"].update(mode="adaptive", n=2, max_tokens=8, refusal_reads="during")
     policy_file = tmp_path / "policy.yml"
     policy_file.write_text(json.dumps(data))
-    data["sampling"]["mode"] = "fixed"  # the baseline, decided in the same run
+    data["sampling"].update(mode="fixed", refusal_reads="after")  # the baseline, same run
     fixed_file = tmp_path / "fixed.yml"
     fixed_file.write_text(json.dumps(data))
     out = _cli(
         "bench", "latency", "--mix", "--limit", "2", "--model", "smollm2-135m",
-        "--policy", str(policy_file), "--baseline-policy", str(fixed_file),
-        "--baseline-refusal-after-draw", "--json",
+        "--policy", str(policy_file), "--baseline-policy", str(fixed_file), "--json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)
@@ -143,17 +142,12 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
         assert all(1 <= k <= 8 for k in r["candidate_tokens"]) and r["plain_tokens"] <= 8
     assert res["lengths"]["max_tokens"] == 8
     base = res["baseline"]
-    assert res["overlap_refusal"] is True and base["overlap_refusal"] is False
+    assert res["refusal_reads"] == "during" and base["refusal_reads"] == "after"
     assert base["sampling_mode"] == "fixed" and set(base["by_path"]) == {"fixed"}
     assert base["by_path"]["fixed"]["share"] == 1.0
     # the same plain answers serve both policies: one run, side by side
     assert [r["plain_s"] for r in base["runs"]] == [r["plain_s"] for r in res["runs"]]
     assert all(len(r["candidate_tokens"]) == 2 for r in base["runs"])
-
-
-def test_bench_latency_refusal_after_draw_needs_a_baseline() -> None:
-    out = _cli("bench", "latency", "--mix", "--baseline-refusal-after-draw")
-    assert out.returncode == 2 and "needs --baseline-policy" in out.stderr
 
 
 def test_cli_ask_bad_budget_is_one_line_error() -> None:

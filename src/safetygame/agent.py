@@ -130,12 +130,8 @@ class SafetyGame:
         cache: ScoreCache | None = None,
         method: Literal["auto", "exact", "highs"] = "auto",
         timeout: float | None = 600.0,
-        overlap_refusal: bool = True,
     ) -> None:
         self.backend = backend
-        #: read the refusal while the first draw generates, when the backend has a request
-        #: to spare (False: after it, as ``bench latency --baseline-refusal-after-draw`` does)
-        self.overlap_refusal = overlap_refusal
         self.policy = policy if policy is not None else load_policy()
         # Scorers named by the policy (validated here, at construction, not per request).
         pol = self.policy
@@ -245,13 +241,14 @@ class SafetyGame:
         help_at: dict[int, Score] = {}
         harm_at: dict[str, dict[int, Score]] = {name: {} for name in questions}
         path = "fixed"
-        # The refusal is known before any candidate: its reads go out with the first draw
-        # when the backend has a request to spare, and overlap the generation.
+        # The refusal is known before any candidate: with sampling.refusal_reads "during" its
+        # reads go out with the first draw when the backend has a request to spare.
+        overlap = pol.sampling.refusal_reads == "during"
         early: asyncio.Task[tuple[list[Score], dict[str, list[Score]]]] | None = None
         try:
             for stage, (n, stage_cfg) in enumerate(self._draws(cfg, m, adaptive)):
                 t = time.perf_counter()
-                if stage == 0 and self.overlap_refusal and n < self.backend.max_concurrency:
+                if stage == 0 and overlap and n < self.backend.max_concurrency:
                     early = asyncio.create_task(
                         self._score_all(chat, texts[:1], questions, [REFUSAL_INDEX])
                     )

@@ -87,6 +87,10 @@ class SamplingSettings(_Strict):
     n: int = Field(4, ge=1, le=64)
     mode: Literal["fixed", "adaptive"] = "fixed"
     fast_path_helpfulness: float = Field(0.5, ge=0.0, le=1.0)
+    # "during": the refusal's readings go out while the first draw generates (when the backend
+    # has a request to spare). Same readings, earlier: it pays where the server has idle
+    # capacity; on a compute-bound CPU it slows the draw by more than it saves (README, Speed).
+    refusal_reads: Literal["after", "during"] = "after"
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=1, le=8192)

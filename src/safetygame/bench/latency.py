@@ -251,9 +251,7 @@ def _group(runs: Sequence[PairedRun], total: int) -> dict[str, Any]:
     }
 
 
-def _arm(
-    policy: Policy, runs: Sequence[PairedRun], seed: int, overlap_refusal: bool
-) -> dict[str, Any]:
+def _arm(policy: Policy, runs: Sequence[PairedRun], seed: int) -> dict[str, Any]:
     """One policy's part of the mix report."""
     paths = sorted({r.path for r in runs})
     kinds = sorted({r.kind for r in runs})
@@ -261,7 +259,7 @@ def _arm(
         "policy": policy.ref,
         "sampling_mode": policy.sampling.mode,
         "candidates": policy.sampling.n,
-        "overlap_refusal": overlap_refusal,
+        "refusal_reads": policy.sampling.refusal_reads,
         "all": _group(runs, len(runs)),
         "by_path": {p: _group([r for r in runs if r.path == p], len(runs)) for p in paths},
         "by_kind": {k: _group([r for r in runs if r.kind == k], len(runs)) for k in kinds},
@@ -277,7 +275,6 @@ async def run_latency_mix(
     seed: int = 0,
     progress: bool = True,
     baseline: Policy | None = None,
-    baseline_overlap_refusal: bool = True,
 ) -> dict[str, Any]:
     """The mix benchmark: per prompt a plain answer then a decision (ABAB, one run, so the
     arms see the same machine load), grouped by the path each decision took (``fast`` /
@@ -286,17 +283,12 @@ async def run_latency_mix(
     first token. With ``baseline`` (e.g. the same policy with ``sampling.mode: fixed``), each
     prompt is also decided under it, right after or before the policy's decision (alternating),
     so the two policies are compared in the same run against the same plain answers; its
-    report is under ``baseline``. ``baseline_overlap_refusal=False`` has the baseline read the
-    refusal after the first draw instead of during it (what that overlap saves)."""
+    report is under ``baseline``."""
     if not prompts:
         raise ConfigError("the latency mix is empty (--limit must be >= 1)")
     agents = [SafetyGame(backend, policy, cache=ScoreCache(None))]
     if baseline is not None:
-        agents.append(
-            SafetyGame(
-                backend, baseline, cache=ScoreCache(None), overlap_refusal=baseline_overlap_refusal
-            )
-        )
+        agents.append(SafetyGame(backend, baseline, cache=ScoreCache(None)))
     arms: list[list[PairedRun]] = [[] for _ in agents]
     for i, p in enumerate(tqdm(prompts, desc="latency mix", disable=not progress)):
         cfg = _sampling(policy, seed + i)
@@ -308,10 +300,10 @@ async def run_latency_mix(
         "model_id": backend.model_id,
         "prompts": len(arms[0]),
         "mix": {k: sum(r.kind == k for r in arms[0]) for k in kinds},
-        **_arm(policy, arms[0], seed, agents[0].overlap_refusal),
+        **_arm(policy, arms[0], seed),
     }
     if baseline is not None:
-        out["baseline"] = _arm(baseline, arms[1], seed, agents[1].overlap_refusal)
+        out["baseline"] = _arm(baseline, arms[1], seed)
     return out
 
 

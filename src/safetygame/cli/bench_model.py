@@ -42,13 +42,6 @@ from safetygame.policy import load_policy
     help="With --mix: also decide every prompt under this policy, in the same run (e.g. the "
     "same policy with sampling.mode: fixed), for a before/after comparison.",
 )
-@click.option(
-    "--baseline-refusal-after-draw",
-    "baseline_serial",
-    is_flag=True,
-    help="With --baseline-policy: the baseline reads the refusal after the first draw instead "
-    "of while it generates (measures what that overlap saves).",
-)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--decode-tokens",
@@ -68,7 +61,6 @@ def latency(
     mix: bool,
     limit: int | None,
     baseline_ref: str | None,
-    baseline_serial: bool,
     seed: int,
     decode_tokens: int,
     as_json: bool,
@@ -80,8 +72,6 @@ def latency(
 
     if (limit is not None or baseline_ref is not None) and not mix:
         raise click.UsageError("--limit and --baseline-policy apply to --mix")
-    if baseline_serial and baseline_ref is None:
-        raise click.UsageError("--baseline-refusal-after-draw needs --baseline-policy")
     policy = load_policy(policy_ref)
     baseline = load_policy(baseline_ref) if baseline_ref is not None else None
     prompts = load_mix(limit=limit) if mix else []  # data problems surface before the model loads
@@ -90,9 +80,8 @@ def latency(
         async with open_backend(model, upstream, api_key) as backend:
             if mix:
                 return await run_latency_mix(
-                    backend, policy, prompts, seed, not as_json, baseline=baseline,
-                    baseline_overlap_refusal=not baseline_serial,
-                )  # fmt: skip
+                    backend, policy, prompts, seed, not as_json, baseline=baseline
+                )
             return await run_latency(backend, policy, n_prompts, seed, not as_json, decode_tokens)
 
     out = asyncio.run(run())
@@ -127,10 +116,9 @@ def _echo_mix(out: dict[str, Any]) -> None:
     for arm in [out, out.get("baseline")]:
         if arm is None:
             continue
-        overlap = "during" if arm["overlap_refusal"] else "after"
         click.echo(
             f"{arm['policy']} (sampling {arm['sampling_mode']}, m = {arm['candidates']}, "
-            f"refusal read {overlap} the first draw)"
+            f"refusal read {arm['refusal_reads']} the first draw)"
         )
         click.echo("  path   share  ratio median  ratio p90  first token: plain  decision")
         for name, g in [*arm["by_path"].items(), ("all", arm["all"])]:
