@@ -55,6 +55,12 @@ def llama_server(args: list[str], log_dir: Path) -> Iterator[str]:
         stop_process(proc, timeout=10)
 
 
+def quoted_reply(prompt: str) -> str:
+    """The reply a judge prompt quotes (its ``<candidate_reply>`` tag): what test doubles of a
+    judge or a hidden-state reader answer from."""
+    return prompt.split("<candidate_reply>\n", 1)[1].split("\n</candidate_reply>", 1)[0]
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
     """SIGTERM, and SIGKILL if it has not exited within ``timeout`` seconds."""
     proc.terminate()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from conftest import quoted_reply
 from safetygame.agent import Decision, SafetyGame, Status
 from safetygame.backends.base import (
     PREFIX_SLOT,
@@ -57,7 +58,7 @@ class ScriptedBackendDouble(Backend):
     async def yes_no(self, messages: Sequence[Message]) -> YesNo:
         prompt = messages[-1].content
         self.probes.append(prompt)
-        reply = prompt.split("<candidate_reply>\n", 1)[1].split("\n</candidate_reply>", 1)[0]
+        reply = quoted_reply(prompt)
         question = prompt.rsplit("Question about the candidate reply: ", 1)[1]
         return YesNo(self.p_yes(reply, question), "logprobs", 1.0)
 
@@ -433,8 +434,7 @@ class TimelineBackendDouble(SeededBackendDouble):
 
     async def yes_no(self, messages: Sequence[Message]) -> YesNo:
         got = await super().yes_no(messages)
-        prompt = messages[-1].content
-        self.log.append(prompt.split("<candidate_reply>\n", 1)[1].split("\n</candidate_reply>")[0])
+        self.log.append(quoted_reply(messages[-1].content))
         return got
 
 

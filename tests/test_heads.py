@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import quoted_reply
 from safetygame.agent import SafetyGame, Status
 from safetygame.backends.base import (
     Backend,
@@ -71,9 +72,7 @@ class HiddenDouble(Backend):
         if self.fail is not None:
             raise self.fail
         self.reads += 1
-        body = messages[-1].content
-        reply = body.split("<candidate_reply>\n", 1)[1].split("\n</candidate_reply>", 1)[0]
-        v = vec_of(reply).astype(np.float32)
+        v = vec_of(quoted_reply(messages[-1].content)).astype(np.float32)
         return HiddenStates({"last": v, "mean": (v / 2).astype(np.float32)}, n_tokens=7)
 
 
