@@ -257,3 +257,17 @@ def test_eval_custom_then_tune_file_on_the_small_model(
     assert t_mc["kind"] == "mc" and t_mc["score"] == "accuracy" and t_mc["n_dev"] == 1
     assert load_policy(tmp_path / "mc.yml").game.budget == 0.1
     assert _dev_metrics((tmp_path / "mc.yml").read_text())["kind"] == "mc"
+
+
+def test_a_failed_run_still_writes_its_export(tmp_path: Path) -> None:
+    # an empty cache and no model: every decision fails, the run ends in an error; the
+    # export is still written (here with nothing in it), as it is after a stop
+    prompts = jsonl(tmp_path / "mine.jsonl", [SAFE, UNSAFE])
+    reads = tmp_path / "reads.jsonl"
+    res = CliRunner().invoke(
+        main,
+        ["eval", "custom", str(prompts), "--cache-only", "--cache", str(tmp_path / "c.sqlite"),
+         "--out", str(tmp_path / "ev"), "--export-reads", str(reads), "--no-progress"],
+    )  # fmt: skip
+    assert res.exit_code != 0
+    assert "exported the 0 cache entries" in res.output and reads.read_text() == ""

@@ -75,24 +75,25 @@ def _run_benchmark(
         return open_backend(model, upstream, api_key, parallel)
 
     cache = ScoreCache(cache_path or "default", track=export_reads is not None)
-    run = run_benchmark(
-        benchmark,
-        backend,
-        policy,
-        cache,
-        out or Path("results") / benchmark.replace(":", "-"),
-        seed=seed,
-        limit=limit,
-        refusal_mode=cast(Mode, refusal_mode),
-        upstream=upstream,
-        progress=show_progress(progress, as_json),
-        on_stop=lambda message: click.echo(message, err=True),
-        data=data,
-    )
-    if export_reads is not None:  # also after a stop: the export resumes the run elsewhere
-        assert cache.used is not None
-        n = cache.export_jsonl(export_reads, keys=cache.used)
-        click.echo(f"exported the {n} cache entries this run read to {export_reads}", err=True)
+    try:
+        run = run_benchmark(
+            benchmark,
+            backend,
+            policy,
+            cache,
+            out or Path("results") / benchmark.replace(":", "-"),
+            seed=seed,
+            limit=limit,
+            refusal_mode=cast(Mode, refusal_mode),
+            upstream=upstream,
+            progress=show_progress(progress, as_json),
+            on_stop=lambda message: click.echo(message, err=True),
+            data=data,
+        )
+    finally:  # also after a stop or a failed run: what it read resumes it elsewhere
+        if export_reads is not None and cache.used is not None:
+            n = cache.export_jsonl(export_reads, keys=cache.used)
+            click.echo(f"exported the {n} cache entries this run read to {export_reads}", err=True)
     if run.stopped_by is not None:
         raise SystemExit(128 + run.stopped_by)
     results = {**run.results, "log": str(run.log)}
