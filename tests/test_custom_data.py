@@ -263,7 +263,7 @@ def test_a_failed_run_still_writes_its_export(tmp_path: Path) -> None:
     # an empty cache and no model: every decision fails, the run ends in an error; the
     # export is still written (here with nothing in it), as it is after a stop
     prompts = jsonl(tmp_path / "mine.jsonl", [SAFE, UNSAFE])
-    reads = tmp_path / "reads.jsonl"
+    reads = tmp_path / "new" / "reads.jsonl"  # its folder is made, as --out's is
     res = CliRunner().invoke(
         main,
         ["eval", "custom", str(prompts), "--cache-only", "--cache", str(tmp_path / "c.sqlite"),

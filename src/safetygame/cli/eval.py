@@ -74,6 +74,8 @@ def _run_benchmark(
             return CacheOnlyBackend.for_model(model or DEFAULT_MODEL)
         return open_backend(model, upstream, api_key, parallel)
 
+    if export_reads is not None:  # a folder that cannot be made fails here, not after the run
+        export_reads.parent.mkdir(parents=True, exist_ok=True)
     cache = ScoreCache(cache_path or "default", track=export_reads is not None)
     try:
         run = run_benchmark(
