@@ -353,13 +353,15 @@ def test_adaptive_second_draw_failure_fails_closed_with_what_it_saw() -> None:
 class InFlightBackendDouble(ScriptedBackendDouble):
     """Test double: records each draw's sampling config and how many probe reads are in
     flight at once; candidate i comes back generated on slot i (as a llama.cpp backend that
-    pins slots reports it), and each read records the ``PREFIX_SLOT`` it carried."""
+    pins slots reports it), and each read records the ``PREFIX_SLOT`` it carried (followup
+    reads in ``slots_seen``; every read, in the order they started, in ``reads``)."""
 
     def __init__(self, answers: Sequence[str], p_yes: Callable[[str, str], float]) -> None:
         super().__init__(answers, p_yes)
         self.configs: list[SamplingConfig] = []
         self.in_flight = self.peak = 0
         self.slots_seen: list[tuple[str, int | None]] = []
+        self.reads: list[tuple[str, int | None]] = []
 
     async def sample(
         self, messages: Sequence[Message], n: int, config: SamplingConfig
@@ -371,11 +373,14 @@ class InFlightBackendDouble(ScriptedBackendDouble):
         ]
 
     async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+        followup = messages[-1].content.startswith("Look back at your reply")
+        reply = messages[-2].content if followup else quoted_reply(messages[-1].content)
+        self.reads.append((reply, PREFIX_SLOT.get()))
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         await asyncio.sleep(0.01)  # every read waits here: the peak counts those started
         self.in_flight -= 1
-        if messages[-1].content.startswith("Look back at your reply"):  # followup layout
+        if followup:
             self.slots_seen.append((messages[-2].content, PREFIX_SLOT.get()))
             return YesNo(0.1, "logprobs", 1.0)
         return await super().yes_no(messages)
@@ -414,6 +419,33 @@ def test_followup_reads_carry_the_candidates_slot() -> None:
     assert seen == sorted(
         [("Answer zero.", 0)] * 2 + [("Answer one.", 1)] * 2 + [(POLICY.refusal, None)] * 2
     )
+
+
+def test_by_reply_reads_each_reply_in_turn_and_the_refusal_on_the_first_slot() -> None:
+    table = {SAFE: (0.8, 0.01), MILD: (0.7, 0.02)}
+    be = InFlightBackendDouble([SAFE, MILD], scores(table))
+    pol = policy_with({"n": 2, "probe_order": "by_reply"})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("How do I descale a kettle?")
+    assert d.status is Status.OK
+    assert be.peak == 2  # one read per reply at a time; the two candidates in parallel
+    # each candidate's reads on the slot that generated it; the refusal's on candidate 1's
+    # slot (it holds the conversation), once that candidate's reads are done
+    assert sorted(be.reads[:4]) == sorted([(SAFE, 0), (MILD, 1)] * 2)
+    assert be.reads[4:] == [(POLICY.refusal, 0)] * 2
+    # the same readings, hence the same decision, as reading everything at once
+    ref = InFlightBackendDouble([SAFE, MILD], scores(table))
+    d2 = SafetyGame(ref, policy_with({"n": 2}), cache=ScoreCache(None)).respond(
+        "How do I descale a kettle?"
+    )
+    assert ref.peak == 6 and d2.candidates == d.candidates and d2.strategy == d.strategy
+
+
+def test_by_reply_on_the_fast_path_is_one_read_at_a_time_on_one_slot() -> None:
+    be = InFlightBackendDouble([SAFE], scores({SAFE: (0.8, 0.01)}))
+    pol = policy_with({**ADAPTIVE, "probe_order": "by_reply"})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.status is Status.OK and d.extra["path"] == "fast"
+    assert be.peak == 1 and be.reads == [(SAFE, 0)] * 2 + [(POLICY.refusal, 0)] * 2
 
 
 class TimelineBackendDouble(SeededBackendDouble):
@@ -489,3 +521,27 @@ def test_a_timed_out_decision_stops_reading_the_refusal() -> None:
     d = asyncio.run(go())
     assert d.status is Status.TIMEOUT and d.refused
     assert POLICY.refusal not in be.log  # the refusal's reads were cancelled with it
+
+
+def test_a_timed_out_decision_stops_its_by_reply_reads() -> None:
+    class SlowReads(TimelineBackendDouble):
+        async def yes_no(self, messages: Sequence[Message]) -> YesNo:
+            await asyncio.sleep(0.2)
+            return await super().yes_no(messages)
+
+    be = SlowReads([SAFE], scores({SAFE: (0.6, 0.02)}))
+    pol = policy_with({**ADAPTIVE, "probe_order": "by_reply"})
+    agent = SafetyGame(be, pol, cache=ScoreCache(None), timeout=0.3)
+
+    async def go() -> Decision:
+        d = await agent.arespond("kettle?", seed=0)
+        await asyncio.sleep(1.0)  # a chain left running would read the refusal here
+        return d
+
+    d = asyncio.run(go())
+    assert d.status is Status.TIMEOUT and d.refused
+    # this backend pins no slot, so the refusal's chain ran beside the candidate's: the first
+    # read of each finished, the second was cancelled with the decision
+    assert be.log[:2] == ["draw 1", "drawn"] and sorted(be.log[2:]) == sorted(
+        [SAFE, POLICY.refusal]
+    )

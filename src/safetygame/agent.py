@@ -453,19 +453,25 @@ class SafetyGame:
         only: Sequence[int] | None = None,
         slots: Sequence[int | None] = (),
     ) -> tuple[list[Score], dict[str, list[Score]]]:
-        """Every read of every candidate at once (candidates x probes, gathered). Returns the
-        scores of ``only`` (indices into ``texts``, in that order), by default of all.
+        """Every read of the replies ``only`` (indices into ``texts``; by default all), as
+        (helpfulness scores, {risk row: harm scores}) in the order of ``only``.
 
-        Reads are started probe by probe (every candidate's helpfulness, then every
-        candidate's first harm question, ...), so the first ones in flight use different
-        slots. A scorer that continues the generating chat (``followup``) sends each
-        candidate's reads to the slot that generated it (``slots[i]``, via ``PREFIX_SLOT``):
-        there llama.cpp reads only the question. Elsewhere reuse is left to the server's
-        prefix cache (vLLM's automatic prefix caching, llama.cpp's prompt cache).
+        ``sampling.probe_order: parallel`` starts every read at once, probe by probe (every
+        reply's helpfulness, then every reply's first harm question, ...), so the first ones in
+        flight use different slots. ``by_reply`` reads each reply's probes one after another on
+        one slot, so every probe after the first reuses the server's cache of the reply and
+        reads only its question; the refusal's reads follow the first candidate's on that
+        candidate's slot, reusing the conversation. Replies still go in parallel.
+
+        A scorer that continues the generating chat (``followup``) sends each candidate's reads
+        to the slot that generated it (``slots[i]``, via ``PREFIX_SLOT``): there llama.cpp
+        reads only the question. Elsewhere reuse is left to the server's prefix cache (vLLM's
+        automatic prefix caching, llama.cpp's prompt cache).
         """
         help_q = self.policy.probes.helpfulness.question
         refusal = texts[REFUSAL_INDEX]
         probes = [(self.helpfulness, help_q)] + [(self.harm, q) for q in questions.values()]
+        wanted = list(range(len(texts))) if only is None else list(only)
 
         async def one(i: int, scorer: Scorer, question: str) -> Score:
             slot = slots[i] if i < len(slots) else None
@@ -474,17 +480,59 @@ class SafetyGame:
             # relative scorers read each reply against the refusal (probes.read)
             return await read(scorer, chat, texts[i], question, refusal)
 
-        # Sampled replies first, the refusal last: with a followup scorer each reply's probes
-        # should reach the slot that generated it before the refusal's probe takes a slot.
-        wanted = list(range(len(texts))) if only is None else list(only)
-        order = [i for i in wanted if i != REFUSAL_INDEX] + [
-            i for i in wanted if i == REFUSAL_INDEX
-        ]
-        reads = [(i, k) for k in range(len(probes)) for i in order]
-        got = await asyncio.gather(*(one(i, *probes[k]) for i, k in reads))
-        by = dict(zip(reads, got, strict=True))
-        harm = {name: [by[(i, k + 1)] for i in wanted] for k, name in enumerate(questions)}
-        return [by[(i, 0)] for i in wanted], harm
+        if self.policy.sampling.probe_order == "by_reply":
+            got = await self._by_reply(chat, texts, probes, wanted, slots)
+        else:
+            # Sampled replies first, the refusal last: with a followup scorer each reply's
+            # probes should reach the slot that generated it before the refusal's takes a slot.
+            order = [i for i in wanted if i != REFUSAL_INDEX] + [
+                i for i in wanted if i == REFUSAL_INDEX
+            ]
+            reads = [(i, k) for k in range(len(probes)) for i in order]
+            flat = await asyncio.gather(*(one(i, *probes[k]) for i, k in reads))
+            by = dict(zip(reads, flat, strict=True))
+            got = {i: [by[(i, k)] for k in range(len(probes))] for i in wanted}
+        harm = {name: [got[i][k + 1] for i in wanted] for k, name in enumerate(questions)}
+        return [got[i][0] for i in wanted], harm
+
+    @staticmethod
+    async def _by_reply(
+        chat: tuple[Message, ...],
+        texts: list[str],
+        probes: list[tuple[Scorer, str]],
+        wanted: list[int],
+        slots: Sequence[int | None],
+    ) -> dict[int, list[Score]]:
+        """``probe_order: by_reply``: each reply's probes in turn on one pinned slot."""
+        refusal = texts[REFUSAL_INDEX]
+
+        async def chain(i: int, slot: int | None) -> list[Score]:
+            if slot is not None:
+                PREFIX_SLOT.set(slot)
+            return [await read(scorer, chat, texts[i], q, refusal) for scorer, q in probes]
+
+        sampled = [i for i in wanted if i != REFUSAL_INDEX]
+        tasks = {
+            i: asyncio.ensure_future(chain(i, slots[i] if i < len(slots) else None))
+            for i in sampled
+        }
+        if REFUSAL_INDEX in wanted:
+            # After the first candidate, on its slot: that slot holds the conversation.
+            host = next((i for i in sampled if i < len(slots) and slots[i] is not None), None)
+
+            async def refusal_reads() -> list[Score]:
+                if host is None:
+                    return await chain(REFUSAL_INDEX, None)
+                await asyncio.wait([tasks[host]])
+                return await chain(REFUSAL_INDEX, slots[host])
+
+            tasks[REFUSAL_INDEX] = asyncio.ensure_future(refusal_reads())
+        try:
+            done = await asyncio.gather(*tasks.values())
+        finally:
+            for task in tasks.values():
+                task.cancel()  # a timeout or failure elsewhere: stop the rest
+        return dict(zip(tasks, done, strict=True))
 
     # -- building decisions -------------------------------------------------------------
     @staticmethod

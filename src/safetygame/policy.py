@@ -91,6 +91,10 @@ class SamplingSettings(_Strict):
     # has a request to spare). Same readings, earlier: it pays where the server has idle
     # capacity; on a compute-bound CPU it slows the draw by more than it saves (README, Speed).
     refusal_reads: Literal["after", "during"] = "after"
+    # "by_reply": each reply's probes one after another on one slot (the server's cache holds
+    # the reply, so later probes read only their question), the refusal's after the first
+    # candidate's on its slot. "parallel": every read at once.
+    probe_order: Literal["parallel", "by_reply"] = "parallel"
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=1, le=8192)

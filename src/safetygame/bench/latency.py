@@ -260,6 +260,7 @@ def _arm(policy: Policy, runs: Sequence[PairedRun], seed: int) -> dict[str, Any]
         "sampling_mode": policy.sampling.mode,
         "candidates": policy.sampling.n,
         "refusal_reads": policy.sampling.refusal_reads,
+        "probe_order": policy.sampling.probe_order,
         "all": _group(runs, len(runs)),
         "by_path": {p: _group([r for r in runs if r.path == p], len(runs)) for p in paths},
         "by_kind": {k: _group([r for r in runs if r.kind == k], len(runs)) for k in kinds},

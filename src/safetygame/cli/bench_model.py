@@ -118,7 +118,7 @@ def _echo_mix(out: dict[str, Any]) -> None:
             continue
         click.echo(
             f"{arm['policy']} (sampling {arm['sampling_mode']}, m = {arm['candidates']}, "
-            f"refusal read {arm['refusal_reads']} the first draw)"
+            f"refusal read {arm['refusal_reads']} the first draw, probes {arm['probe_order']})"
         )
         click.echo("  path   share  ratio median  ratio p90  first token: plain  decision")
         for name, g in [*arm["by_path"].items(), ("all", arm["all"])]:
