@@ -82,10 +82,16 @@ def spec(**kw: object) -> FeatureSpec:
     return FeatureSpec(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def head(objective: str = "bradley_terry", **kw: object) -> Head:
-    w = (1.0, 0.0, 0.0, 0.0)
-    base = dict(name="t", kind="harm", objective=objective, features=spec(), mu=(0.0,) * DIM,
-                sigma=(1.0,) * DIM, w=w, b=0.0, ridge=1.0)  # fmt: skip
+def head(
+    objective: str = "bradley_terry",
+    gate_w: tuple[float, ...] = (),
+    gate_b: float = 0.0,
+    **kw: object,
+) -> Head:
+    params = HeadParams(mu=(0.0,) * DIM, sigma=(1.0,) * DIM, w=(1.0, 0.0, 0.0, 0.0), b=0.0,
+                        gate_w=gate_w, gate_b=gate_b)  # fmt: skip
+    base = dict(name="t", kind="harm", objective=objective, features=spec(), params=params,
+                ridge=1.0)  # fmt: skip
     return Head(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -353,6 +359,6 @@ def test_the_learned_policy_plays_the_shipped_gated_head_of_the_default_model_on
 
     scorer = build_scorer(pol.scorers.harm, DefaultJudge(), pol, kind="harm")
     assert isinstance(scorer, HeadScorer) and scorer.head.objective == "gated"
-    assert not scorer.relative and len(scorer.head.gate_w) == scorer.head.features.dim
+    assert not scorer.relative and len(scorer.head.params.gate_w) == scorer.head.features.dim
     with pytest.raises(ConfigError, match=r"no shipped gated harm head for the judge hidden-"):
         build_scorer(pol.scorers.harm, HiddenDouble(), pol, kind="harm")

@@ -107,7 +107,7 @@ def test_scorers_train_tiny_reproduces_loads_scores_and_refuses_a_wrong_model(
     s = asyncio.run(scorer.score_against(CHAT, "Sure, mix them.", "I can't help.", "q"))
     assert s.value is not None and 0.0 < s.value < 1.0
     gated = load_head(out / "smollm2-135m-harm-gated.json")
-    assert len(gated.gate_w) == gated.features.dim
+    assert len(gated.params.gate_w) == gated.features.dim
     g = asyncio.run(HeadScorer(smollm2_backend, gated).score(CHAT, "Sure, mix them.", "q"))
     assert g.value is not None and 0.0 < g.value < 1.0 and g.method == "head"
 

@@ -152,31 +152,25 @@ class Head:
     kind: Literal["harm", "helpfulness"]
     objective: Objective
     features: FeatureSpec
-    mu: tuple[float, ...]
-    sigma: tuple[float, ...]
-    w: tuple[float, ...]
-    b: float
+    params: HeadParams
     ridge: float
     training: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
-    gate_w: tuple[float, ...] = ()
-    gate_b: float = 0.0
 
     def __post_init__(self) -> None:
         d = self.features.dim
-        if not (len(self.mu) == len(self.sigma) == len(self.w) == d) or d < 1:
+        p = self.params
+        if not (len(p.mu) == len(p.sigma) == len(p.w) == d) or d < 1:
             raise ConfigError(
                 f"head {self.name!r}: mu, sigma and w must all have the feature dimension {d}"
             )
-        if (self.objective == "gated") != bool(self.gate_w) or (
-            self.gate_w and len(self.gate_w) != d
-        ):
+        if (self.objective == "gated") != bool(p.gate_w) or (p.gate_w and len(p.gate_w) != d):
             raise ConfigError(
                 f"head {self.name!r}: a gated head (and only a gated head) has gate_w of the "
                 f"feature dimension {d}"
             )
-        arrays = (*self.mu, *self.sigma, *self.w, self.b, *self.gate_w, self.gate_b)
-        if not all(math.isfinite(v) for v in arrays) or min(self.sigma) <= 0:
+        arrays = (*p.mu, *p.sigma, *p.w, p.b, *p.gate_w, p.gate_b)
+        if not all(math.isfinite(v) for v in arrays) or min(p.sigma) <= 0:
             raise ConfigError(f"head {self.name!r}: weights must be finite and sigma > 0")
 
     @property
@@ -193,10 +187,6 @@ class Head:
             )
         return self.params.logit(A)
 
-    @property
-    def params(self) -> HeadParams:
-        return HeadParams(self.mu, self.sigma, self.w, self.b, self.gate_w, self.gate_b)
-
     def check_model(self, model_id: str, sha256: str | None = None) -> None:
         """Refuse features from another model than the one this head was fitted on."""
         f = self.features
@@ -209,7 +199,9 @@ class Head:
             )
 
     def to_json(self) -> str:
-        payload = {"format": FORMAT, **asdict(self)}
+        # one flat object: the numbers sit beside the metadata, as in every shipped artefact
+        data = asdict(self)
+        payload = {"format": FORMAT, **data.pop("params"), **data}
         return json.dumps(payload, indent=1, sort_keys=True) + "\n"
 
     def save(self, path: Path) -> Path:
@@ -242,15 +234,17 @@ def load_head(ref: str | Path) -> Head:
             kind=data["kind"],
             objective=data["objective"],
             features=spec,
-            mu=tuple(float(v) for v in data["mu"]),
-            sigma=tuple(float(v) for v in data["sigma"]),
-            w=tuple(float(v) for v in data["w"]),
-            b=float(data["b"]),
+            params=HeadParams(
+                mu=tuple(float(v) for v in data["mu"]),
+                sigma=tuple(float(v) for v in data["sigma"]),
+                w=tuple(float(v) for v in data["w"]),
+                b=float(data["b"]),
+                gate_w=tuple(float(v) for v in data.get("gate_w", ())),
+                gate_b=float(data.get("gate_b", 0.0)),
+            ),
             ridge=float(data["ridge"]),
             training=dict(data.get("training", {})),
             quality=dict(data.get("quality", {})),
-            gate_w=tuple(float(v) for v in data.get("gate_w", ())),
-            gate_b=float(data.get("gate_b", 0.0)),
         )
     except ConfigError as exc:
         raise ConfigError(f"scorer head {path}: {exc} ({fix})") from None

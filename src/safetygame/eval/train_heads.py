@@ -283,15 +283,10 @@ async def train_heads(
                     prompt=reader.prompt,
                     dim=int(F.shape[1]),
                 ),
-                mu=p.mu,
-                sigma=p.sigma,
-                w=p.w,
-                b=p.b,
+                params=p,
                 ridge=float(best["ridge"]),
                 training=provenance,
                 quality={"dev": best},
-                gate_w=p.gate_w,
-                gate_b=p.gate_b,
             )
         )
     return TrainResult(
