@@ -121,7 +121,8 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
     data["sampling"].update(mode="adaptive", n=2, max_tokens=8, refusal_reads="during")
     policy_file = tmp_path / "policy.yml"
     policy_file.write_text(json.dumps(data))
-    data["sampling"].update(mode="fixed", refusal_reads="after")  # the baseline, same run
+    # the baseline, same run
+    data["sampling"].update(mode="fixed", refusal_reads="after", probe_order="by_reply")
     fixed_file = tmp_path / "fixed.yml"
     fixed_file.write_text(json.dumps(data))
     out = _cli(
@@ -140,9 +141,13 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
     for r in res["runs"]:
         assert r["ratio"] == pytest.approx(r["decision_s"] / r["plain_s"])
         assert all(1 <= k <= 8 for k in r["candidate_tokens"]) and r["plain_tokens"] <= 8
+        # the server's own count of the prompt tokens the decision ran, net of its cache
+        assert 0 <= r["decision_cached_tokens"] <= r["decision_prompt_tokens"]
+        assert r["evaluated_prompt_tokens"] > 0
     assert res["lengths"]["max_tokens"] == 8
     base = res["baseline"]
     assert res["refusal_reads"] == "during" and base["refusal_reads"] == "after"
+    assert res["probe_order"] == "parallel" and base["probe_order"] == "by_reply"
     assert base["sampling_mode"] == "fixed" and set(base["by_path"]) == {"fixed"}
     assert base["by_path"]["fixed"]["share"] == 1.0
     # the same plain answers serve both policies: one run, side by side

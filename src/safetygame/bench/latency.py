@@ -69,6 +69,17 @@ class PairedRun:
     action: str
     status: str
     timings: dict[str, float]
+    # the decision's prompt tokens as the server counted them, and how many of those it took
+    # from its prompt cache (None when the backend reports no usage)
+    decision_prompt_tokens: int | None = None
+    decision_cached_tokens: int | None = None
+
+    @property
+    def evaluated_prompt_tokens(self) -> int | None:
+        """Prompt tokens the server had to run for the decision (not from its cache)."""
+        if self.decision_prompt_tokens is None or self.decision_cached_tokens is None:
+            return None
+        return self.decision_prompt_tokens - self.decision_cached_tokens
 
     @property
     def ratio(self) -> float:
@@ -79,6 +90,7 @@ class PairedRun:
             **asdict(self),
             "candidate_tokens": list(self.candidate_tokens),
             "ratio": self.ratio,
+            "evaluated_prompt_tokens": self.evaluated_prompt_tokens,
         }
 
 
@@ -118,7 +130,9 @@ async def paired_runs(
     plain, plain_s, plain_ttft = await plain_answer(backend, chat, cfg)
     order = [(k + rotate) % len(agents) for k in range(len(agents))]
     out: dict[int, PairedRun] = {}
+    stats = backend.stats
     for k in order:
+        before = (stats.prompt_tokens, stats.cached_prompt_tokens) if stats else None
         t = time.perf_counter()
         decision = await agents[k].arespond(
             chat, seed=cfg.seed, max_tokens=cfg.max_tokens, stop=cfg.stop
@@ -139,6 +153,10 @@ async def paired_runs(
             action=decision.action,
             status=decision.status.value,
             timings=dict(decision.timings),
+            decision_prompt_tokens=stats.prompt_tokens - before[0] if stats and before else None,
+            decision_cached_tokens=(
+                stats.cached_prompt_tokens - before[1] if stats and before else None
+            ),
         )
     return [out[k] for k in range(len(agents))]
 
@@ -248,6 +266,7 @@ def _group(runs: Sequence[PairedRun], total: int) -> dict[str, Any]:
         "plain_ttft_s_median": _median([r.plain_ttft_s for r in runs]),
         "safetygame_ttft_s_median": _median([r.decision_ttft_s for r in runs]),
         "refused": sum(r.action == "refuse" for r in runs),
+        "evaluated_prompt_tokens_median": _median([r.evaluated_prompt_tokens for r in runs]),
     }
 
 
