@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal
@@ -473,15 +473,24 @@ class SafetyGame:
         probes = [(self.helpfulness, help_q)] + [(self.harm, q) for q in questions.values()]
         wanted = list(range(len(texts))) if only is None else list(only)
 
-        async def one(i: int, scorer: Scorer, question: str) -> Score:
-            slot = slots[i] if i < len(slots) else None
-            if scorer.continues_chat and slot is not None:
+        def slot_of(i: int) -> int | None:
+            return slots[i] if i < len(slots) else None
+
+        async def one(i: int, scorer: Scorer, question: str, pin: int | None = None) -> Score:
+            """One read; ``pin`` sends it to that slot, else a followup read goes back to the
+            slot that generated the reply."""
+            slot = pin if pin is not None else slot_of(i) if scorer.continues_chat else None
+            if slot is not None:
                 PREFIX_SLOT.set(slot)  # this task's context only (gather copies it)
             # relative scorers read each reply against the refusal (probes.read)
             return await read(scorer, chat, texts[i], question, refusal)
 
         if self.policy.sampling.probe_order == "by_reply":
-            got = await self._by_reply(chat, texts, probes, wanted, slots)
+
+            async def chain(i: int, pin: int | None) -> list[Score]:
+                return [await one(i, scorer, q, pin) for scorer, q in probes]
+
+            got = await self._by_reply(wanted, slot_of, chain)
         else:
             # Sampled replies first, the refusal last: with a followup scorer each reply's
             # probes should reach the slot that generated it before the refusal's takes a slot.
@@ -497,34 +506,23 @@ class SafetyGame:
 
     @staticmethod
     async def _by_reply(
-        chat: tuple[Message, ...],
-        texts: list[str],
-        probes: list[tuple[Scorer, str]],
         wanted: list[int],
-        slots: Sequence[int | None],
+        slot_of: Callable[[int], int | None],
+        chain: Callable[[int, int | None], Awaitable[list[Score]]],
     ) -> dict[int, list[Score]]:
-        """``probe_order: by_reply``: each reply's probes in turn on one pinned slot."""
-        refusal = texts[REFUSAL_INDEX]
-
-        async def chain(i: int, slot: int | None) -> list[Score]:
-            if slot is not None:
-                PREFIX_SLOT.set(slot)
-            return [await read(scorer, chat, texts[i], q, refusal) for scorer, q in probes]
-
+        """``probe_order: by_reply``: each reply's probes in turn (``chain``) on its slot; the
+        refusal's after the first candidate's, on that candidate's slot (it holds the
+        conversation), or beside them when no candidate has a slot."""
         sampled = [i for i in wanted if i != REFUSAL_INDEX]
-        tasks = {
-            i: asyncio.ensure_future(chain(i, slots[i] if i < len(slots) else None))
-            for i in sampled
-        }
+        tasks = {i: asyncio.ensure_future(chain(i, slot_of(i))) for i in sampled}
         if REFUSAL_INDEX in wanted:
-            # After the first candidate, on its slot: that slot holds the conversation.
-            host = next((i for i in sampled if i < len(slots) and slots[i] is not None), None)
+            host = next((i for i in sampled if slot_of(i) is not None), None)
 
             async def refusal_reads() -> list[Score]:
                 if host is None:
                     return await chain(REFUSAL_INDEX, None)
                 await asyncio.wait([tasks[host]])
-                return await chain(REFUSAL_INDEX, slots[host])
+                return await chain(REFUSAL_INDEX, slot_of(host))
 
             tasks[REFUSAL_INDEX] = asyncio.ensure_future(refusal_reads())
         try:

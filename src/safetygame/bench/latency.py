@@ -132,7 +132,7 @@ async def paired_runs(
     out: dict[int, PairedRun] = {}
     stats = backend.stats
     for k in order:
-        before = (stats.prompt_tokens, stats.cached_prompt_tokens) if stats else None
+        p0, c0 = (stats.prompt_tokens, stats.cached_prompt_tokens) if stats else (0, 0)
         t = time.perf_counter()
         decision = await agents[k].arespond(
             chat, seed=cfg.seed, max_tokens=cfg.max_tokens, stop=cfg.stop
@@ -153,10 +153,8 @@ async def paired_runs(
             action=decision.action,
             status=decision.status.value,
             timings=dict(decision.timings),
-            decision_prompt_tokens=stats.prompt_tokens - before[0] if stats and before else None,
-            decision_cached_tokens=(
-                stats.cached_prompt_tokens - before[1] if stats and before else None
-            ),
+            decision_prompt_tokens=stats.prompt_tokens - p0 if stats else None,
+            decision_cached_tokens=stats.cached_prompt_tokens - c0 if stats else None,
         )
     return [out[k] for k in range(len(agents))]
 
