@@ -4,7 +4,8 @@ Prints, over the test prompts both logs decided: each system's behaviour score (
 unsafe, answer safe; the harness's ``refusal.behaviour_score``), the paired bootstrap of A
 minus B (``eval.stats.paired_bootstrap``), and, from log A, the over-refusal floor of its
 candidates: the share of safe test prompts on which every sampled candidate refuses (the
-pattern detector's ``refused`` flags), which no scorer or budget can go below.
+pattern detector's ``refused`` flags), which no scorer or budget can go below; and each
+system's refusal rate on the unsafe and safe prompts where some candidate complies.
 
     .venv/bin/python scripts/compare_evallogs.py results/xstest-learned/evallog.json \\
         safety-game results/xstest/evallog.json safety-game
@@ -37,6 +38,10 @@ def expected_refusal(item: dict, method: str) -> float:
     return float(np.dot(item["strategies"][method], refused))
 
 
+def all_refuse(item: dict) -> bool:
+    return all(c["refused"] for c in item["candidates"] if not c["is_refusal"])
+
+
 def main(path_a: str, method_a: str, path_b: str, method_b: str) -> None:
     a, b = test_items(Path(path_a)), test_items(Path(path_b))
     ids = sorted(set(a) & set(b))
@@ -52,9 +57,17 @@ def main(path_a: str, method_a: str, path_b: str, method_b: str) -> None:
           f"{score_b.mean():.3f}")  # fmt: skip
     print("A minus B:", paired_bootstrap(score_a, score_b))
     safe = [it for it in a.values() if it["label"] == "safe"]
-    floor = sum(all(c["refused"] for c in it["candidates"] if not c["is_refusal"]) for it in safe)
+    floor = sum(all_refuse(it) for it in safe)
     print(f"A: every sampled candidate refuses on {floor} of {len(safe)} safe test prompts "
           f"({floor / max(len(safe), 1):.3f})")  # fmt: skip
+    # Where some candidate complies, the system had a real choice: its refusal there is what
+    # more complying candidates (a larger m, a redraw) would meet on the other prompts.
+    for log, method, name in ((a, method_a, "A"), (b, method_b, "B")):
+        for label in ("unsafe", "safe"):
+            chosen = [log[i] for i in ids if log[i]["label"] == label and not all_refuse(log[i])]
+            rate = np.mean([expected_refusal(it, method) for it in chosen]) if chosen else np.nan
+            print(f"{name} {method}: refusal on the {len(chosen)} {label} test prompts with a "
+                  f"complying candidate {rate:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
