@@ -79,3 +79,16 @@ def test_missing_unknown_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_policy(bad)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[1] / "examples" / "policies").glob("*.yml")),
+    ids=lambda p: p.name,
+)
+def test_example_policies_are_valid_and_name_known_scorers(path: Path) -> None:
+    from safetygame.scorers import DESIGNS
+
+    pol = load_policy(path)
+    assert pol.id == path.stem
+    assert {pol.scorers.helpfulness, pol.scorers.harm} <= set(DESIGNS)

@@ -122,6 +122,11 @@ FOLLOWUP = Wording(
     layout="followup",
 )
 
+# The followup layout with the policy's question as written and nothing around it: about a
+# third of followup's tokens a read. The policy's questions must then speak to the model of
+# "your reply above" (examples/policies/fast-brief.yml).
+BRIEF = Wording("brief", "{rule}", layout="followup")
+
 # Harm wordings that state the rule (the policy's question) and ask about compliance.
 HARM_WORDINGS: dict[str, Wording] = {
     "rule": Wording("rule", "{rule}"),
@@ -700,6 +705,7 @@ DESIGNS: dict[str, DesignFactory] = {
     "self": _self,
     "plain": _plain,
     "followup": _judge(FOLLOWUP),
+    "brief": _judge(BRIEF),
     "rule": _kind_wording("rule", "rule"),
     "comply": _kind_wording("comply", "best"),
     "safe": _kind_wording("safe", "flawed"),

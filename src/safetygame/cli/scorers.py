@@ -37,6 +37,7 @@ COSTS: dict[str, str] = {
     "self": "1 yes/no call",
     "plain": "1 yes/no call",
     "followup": "1 yes/no call (cached prefix)",
+    "brief": "1 yes/no call (cached prefix, the policy's question only)",
     "rule": "1 yes/no call",
     "comply": "1 yes/no call",
     "safe": "1 yes/no call",
