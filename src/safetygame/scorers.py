@@ -122,9 +122,9 @@ FOLLOWUP = Wording(
     layout="followup",
 )
 
-# The followup layout with the policy's question as written and nothing around it: about a
-# third of followup's tokens a read. The policy's questions must then speak to the model of
-# "your reply above" (examples/policies/fast-brief.yml).
+# The followup layout with the policy's question as written and nothing around it (half the
+# prompt tokens of followup per decision, README Speed). The policy's questions must then
+# speak to the model of "your reply above" (examples/policies/fast-brief.yml).
 BRIEF = Wording("brief", "{rule}", layout="followup")
 
 # Harm wordings that state the rule (the policy's question) and ask about compliance.
