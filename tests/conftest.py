@@ -17,8 +17,24 @@ import pytest
 
 import safetygame
 from safetygame.backends.llamacpp import EmbeddedLlamaBackend
+from safetygame.errors import ConfigError
+from safetygame.eval.datasets import data_root
 
 SMALL_MODEL = "smollm2-135m"
+REQUIRE_DATA_ENV = "SAFETYGAME_REQUIRE_DATA"
+
+
+@pytest.fixture(scope="session")
+def benchmark_data() -> Path:
+    """The benchmark data folder (``../shared/data`` or a pull; never committed). Tests that
+    read it skip without it, with the reason, unless ``SAFETYGAME_REQUIRE_DATA=1`` (set by
+    ``.ci/run``) makes its absence a failure."""
+    try:
+        return data_root()
+    except ConfigError as exc:
+        if os.environ.get(REQUIRE_DATA_ENV) == "1":
+            pytest.fail(f"{REQUIRE_DATA_ENV}=1 and {exc}")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

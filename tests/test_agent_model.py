@@ -109,14 +109,11 @@ def test_bench_latency_small_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.model
+@pytest.mark.usefixtures("benchmark_data")  # the mix's texts come from the benchmark data
 def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
     from safetygame.bench.mix import load_mix
-    from safetygame.errors import ConfigError
 
-    try:
-        expected = load_mix(limit=2)
-    except ConfigError as exc:  # the benchmark texts are not committed (licences, size)
-        pytest.skip(f"benchmark data not available: {exc}")
+    expected = load_mix(limit=2)
     data = SMALL.model_dump(mode="json")
     data["sampling"].update(mode="adaptive", n=2, max_tokens=8, refusal_reads="during")
     policy_file = tmp_path / "policy.yml"

@@ -29,13 +29,6 @@ from safetygame.eval.sources import MIRROR_ENV, SOURCES, is_complete, pulled_roo
 from safetygame.models import file_sha256
 
 
-def _shared_root() -> Path:
-    try:
-        return ds.data_root()
-    except ConfigError as exc:  # only on machines without the shared data folder
-        pytest.skip(f"benchmark data folder not found: {exc}")
-
-
 class _DataServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -94,9 +87,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[_DataServer]:
+def mirror(tmp_path: Path, benchmark_data: Path) -> Iterator[_DataServer]:
     """A copy of the data folder (only the pinned files) served on loopback."""
-    shared = _shared_root()
+    shared = benchmark_data
     copy = tmp_path / "served"
     for name, bench in SOURCES.items():
         for f in bench.files:
@@ -114,9 +107,9 @@ def mirror(tmp_path: Path) -> Iterator[_DataServer]:
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh user cache; no data or mirror settings from the environment."""
-    _shared_root()  # resolved before the environment changes
+def cache(benchmark_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh user cache; no data or mirror settings from the environment (the shared data
+    folder is resolved before they change)."""
     monkeypatch.setenv("SAFETYGAME_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(ds.DATA_ENV, raising=False)
     monkeypatch.delenv(MIRROR_ENV, raising=False)
@@ -126,9 +119,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # --------------------------------------------------------------------------- the pins
 
 
-def test_pins_match_the_offline_copies() -> None:
+def test_pins_match_the_offline_copies(benchmark_data: Path) -> None:
     """Every pinned size and sha256 is that of the official file in the shared folder."""
-    shared = _shared_root()
+    shared = benchmark_data
     for name, bench in SOURCES.items():
         assert bench.files, name
         for f in bench.files:

@@ -13,16 +13,9 @@ from safetygame.eval import datasets as ds
 from safetygame.eval.datasets import MCItem, PromptItem
 
 
-def _root_or_skip() -> Path:
-    try:
-        return ds.data_root()
-    except ConfigError as exc:  # only on machines without the shared data folder
-        pytest.skip(f"benchmark data folder not found: {exc}")
-
-
 @pytest.fixture(scope="module")
-def root() -> Path:
-    return _root_or_skip()
+def root(benchmark_data: Path) -> Path:
+    return benchmark_data
 
 
 # --------------------------------------------------------------------------- counts

@@ -541,6 +541,7 @@ def _offline_eval_args(eval_env: dict[str, Path], url: str, tmp_path: Path) -> l
     return args
 
 
+@pytest.mark.usefixtures("benchmark_data")
 def test_eval_with_nothing_scored_fails_and_logs_the_error(
     eval_env: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -572,6 +573,7 @@ def test_eval_with_nothing_scored_fails_and_logs_the_error(
     assert shown.exit_code == 2 and "scoring:" in shown.stderr and shown.stdout == ""
 
 
+@pytest.mark.usefixtures("benchmark_data")
 def test_eval_stopped_by_sigterm_logs_what_finished(
     eval_env: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -623,6 +625,7 @@ def test_exit_alarm_ends_a_process_stuck_after_a_stop() -> None:
 
 
 @pytest.mark.model
+@pytest.mark.usefixtures("benchmark_data")
 # Seeds whose 2-item samples have few options (2 + 2, 2 + 3, 2 + 2), to keep the test short.
 @pytest.mark.parametrize(
     ("benchmark", "seed"), [("hhh", 1), ("truthfulqa", 12), ("safetybench", 5)]
@@ -667,6 +670,7 @@ def test_eval_mc_end_to_end(
 
 
 @pytest.mark.model
+@pytest.mark.usefixtures("benchmark_data")
 @pytest.mark.parametrize("benchmark", ["xstest", "harmbench", "advbench"])
 def test_eval_open_end_to_end(
     benchmark: str, eval_env: dict[str, Path], llama_server_url: str
@@ -721,6 +725,7 @@ def test_report_on_end_to_end_results(eval_env: dict[str, Path]) -> None:
 
 
 @pytest.mark.model
+@pytest.mark.usefixtures("benchmark_data")  # HHH items
 def test_bench_scoring_end_to_end(eval_env: dict[str, Path], llama_server_url: str) -> None:
     out = run_cli(
         [

@@ -387,6 +387,10 @@ def test_keyring_and_tenants_file_validation(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="also a key of tenant"):
         load_tenants(bad)
+    # a tenant written twice: YAML would keep the second silently, and the first's keys die
+    bad.write_text(f"tenants:\n  a:\n    keys: ['{dup_hash}']\n  a:\n    keys: []\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'a' \(first at line 2\)"):
+        load_tenants(bad)
 
 
 # -- hot reload --------------------------------------------------------------------------------

@@ -29,7 +29,15 @@ from safetygame.backends.base import (
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, BackendUnsupported, ConfigError
 from safetygame.features import FeatureReader, review_messages
-from safetygame.heads import FeatureSpec, Head, HeadParams, fit_head, gated_logit, load_head
+from safetygame.heads import (
+    HEADS_DIR,
+    FeatureSpec,
+    Head,
+    HeadParams,
+    fit_head,
+    gated_logit,
+    load_head,
+)
 from safetygame.models import DEFAULT_MODEL, resolve_model
 from safetygame.policy import load_policy
 from safetygame.scorers import HeadScorer, build_scorer
@@ -336,6 +344,11 @@ def test_scorers_list_shows_every_design_with_its_cost() -> None:
     rows = json.loads(out.output)["designs"]
     assert {r["design"] for r in rows} == set(DESIGNS)
     assert all(r["cost"] != "-" for r in rows)
+    # prompt designs show the quality the shipped report measured for them, heads theirs
+    report = json.loads((HEADS_DIR / "quality.json").read_text(encoding="utf-8"))
+    for name, q in report["designs"].items():
+        (row,) = [r for r in rows if r["design"] == name]
+        assert row["xstest_auroc"] == q["xstest_complying_vs_refusal"]["auroc"]
 
 
 @pytest.mark.parametrize("size", ["hh_train", "hh_train=x", "seed=3", "nope=2"])

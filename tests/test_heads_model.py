@@ -84,6 +84,7 @@ def test_a_server_without_embeddings_is_a_clear_error(llama_server_url: str) -> 
         asyncio.run(go())
 
 
+@pytest.mark.usefixtures("benchmark_data")  # hh-rlhf, moderation and XSTest texts
 def test_scorers_train_tiny_reproduces_loads_scores_and_refuses_a_wrong_model(
     tmp_path: Path, smollm2_backend: EmbeddedLlamaBackend
 ) -> None:

@@ -79,6 +79,10 @@ def test_missing_unknown_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_policy(bad)
+    # PyYAML keeps the last of two equal keys; a policy must not lose a rule that way
+    bad.write_text("id: dup\ngame:\n  budget: 0.1\n  budget: 0.5\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'budget' \(first at line 3\)"):
+        load_policy(bad)
 
 
 @pytest.mark.parametrize(

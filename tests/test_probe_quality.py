@@ -112,6 +112,7 @@ def test_ece_zero_when_calibrated_and_large_when_not() -> None:
     assert ece([0.95] * 10, [0] * 10) == pytest.approx(0.95)
 
 
+@pytest.mark.usefixtures("benchmark_data")
 def test_group_split_keeps_a_question_on_one_side() -> None:
     items = load("hhh", subset="harmless")
     dev, test = group_split(items, 0.4, seed=0)
@@ -148,6 +149,7 @@ def test_choose_designs_uses_dev_only() -> None:
 
 
 @pytest.mark.model
+@pytest.mark.usefixtures("benchmark_data")
 def test_eval_probes_cli_on_smollm2(tmp_path: object) -> None:
     runner = CliRunner()
     out = runner.invoke(

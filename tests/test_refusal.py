@@ -207,6 +207,7 @@ def _run_open_on_4(backend: Backend, tally: RunTally, mode: str = "fixed") -> di
     return summary
 
 
+@pytest.mark.usefixtures("benchmark_data")  # real XSTest prompts
 def test_each_prompt_is_read_for_refusal_right_after_its_decision() -> None:
     """The refusal probe follows its prompt's other probes (their prefix is still in the
     model's prompt cache), and a prompt counts as finished only with its readings."""
@@ -222,6 +223,7 @@ def test_each_prompt_is_read_for_refusal_right_after_its_decision() -> None:
     assert tally.prefix == tally.total == 4
 
 
+@pytest.mark.usefixtures("benchmark_data")  # real XSTest prompts
 def test_the_study_draws_all_m_and_reports_adaptive_against_fixed() -> None:
     """An adaptive policy is studied from the fixed draw (same cache keys), and the summary
     pairs adaptive with the fixed-m game."""
@@ -247,6 +249,7 @@ class _FailFirstDouble(_OrderDouble):
         return await super().sample(messages, n, config)
 
 
+@pytest.mark.usefixtures("benchmark_data")  # real XSTest prompts
 def test_a_failed_decision_is_reported_left_out_and_not_finished() -> None:
     """It is listed, kept out of every metric (an outage is not the model's behaviour), and
     a stopped or resumed run does not take it for done (its sample was never cached)."""
@@ -266,6 +269,7 @@ class _DownDouble(_OrderDouble):
         raise BackendError("upstream down")
 
 
+@pytest.mark.usefixtures("benchmark_data")  # real XSTest prompts
 def test_a_run_where_every_decision_failed_is_an_error_not_a_table() -> None:
     with pytest.raises(BackendError, match="4 failed, the first with generation_failed"):
         _run_open_on_4(_DownDouble(), RunTally())

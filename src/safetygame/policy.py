@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from safetygame._yaml import load_yaml
 from safetygame.errors import ConfigError
 
 DEFAULT_POLICY_ID = "default"
@@ -230,7 +231,7 @@ def load_policy(ref: str | Path | None = None) -> Policy:
             raise ConfigError(f"Policy file {path}: cannot read ({exc.strerror})") from None
         source = str(path)
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"Invalid policy {source}: not valid YAML ({exc})") from None
     return policy_from_dict(data, source)

@@ -74,18 +74,29 @@ def list_cmd(as_json: bool) -> None:
     from safetygame.scorers import DESIGNS, HEAD_DESIGNS, shipped_heads
 
     quality: dict[str, Any] = {}
+    designs: dict[str, Any] = {}
     ms: dict[str, Any] = {}
     qfile = HEADS_DIR / QUALITY_FILE
     if qfile.is_file():
         report = json.loads(qfile.read_text(encoding="utf-8"))
         quality, ms = report.get("heads", {}), report.get("ms_per_read", {})
+        designs = report.get("designs", {})
     rows: list[dict[str, Any]] = []
     heads = shipped_heads()
     for name in sorted(DESIGNS):
         objective = HEAD_DESIGNS.get(name)
         arts = [h for h in heads if h.objective == objective] if objective else []
         if not arts:
-            rows.append({"design": name, "artefact": None, "cost": COSTS.get(name, "-")})
+            q = designs.get(name, {})
+            rows.append(
+                {
+                    "design": name,
+                    "artefact": None,
+                    "cost": COSTS.get(name, "-"),
+                    "hhh_harmless_pair_acc": q.get("hhh_harmless_test", {}).get("pair_acc"),
+                    "xstest_auroc": q.get("xstest_complying_vs_refusal", {}).get("auroc"),
+                }
+            )
             continue
         for h in arts:
             q = quality.get(h.name, {})

@@ -301,13 +301,12 @@ def load_hhh(path: str | Path | None = None, subset: str | None = None) -> list[
     ``path`` is the ``hhh`` folder (holding ``<subset>/task.json``) or one subset's
     ``task.json``. ``subset`` picks harmless/helpful/honest/other (default: all four).
     """
+    if subset is not None and subset not in HHH_SUBSETS:  # before looking for the files
+        raise ConfigError(f"hhh: subset must be one of {', '.join(HHH_SUBSETS)}, not {subset!r}")
     p = _benchmark_dir("hhh", path)
     if p.is_file():
         return _hhh_file(p, subset or p.parent.name)
     subsets = HHH_SUBSETS if subset is None else (subset,)
-    for s in subsets:
-        if s not in HHH_SUBSETS:
-            raise ConfigError(f"hhh: subset must be one of {', '.join(HHH_SUBSETS)}, not {s!r}")
     items: list[MCItem] = []
     for s in subsets:
         items += _hhh_file(p / s / "task.json", s)

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from safetygame._yaml import load_yaml
 from safetygame.errors import ConfigError
 
 HASH_PREFIX = "sha256:"
@@ -152,7 +153,7 @@ def load_tenants(path: str | Path, default_policy: str = "default") -> TenantsCo
     except OSError as exc:
         raise ConfigError(f"Tenants file {path}: cannot read ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"Invalid tenants file {path}: not valid YAML ({exc})") from None
     return parse_tenants(data, str(path), path.parent, default_policy)
