@@ -130,3 +130,36 @@ def test_scorers_train_tiny_reproduces_loads_scores_and_refuses_a_wrong_model(
     assert d.status == Status.OK, d.reason
     assert d.candidates[0].harm["harm"] == 0.5 and d.candidates[0].extra_risk["harm"] == 0.0
     assert isinstance(build_scorer(policy.scorers.harm, smollm2_backend, policy), HeadScorer)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("benchmark_data")
+def test_the_shipped_quality_report_replays_from_resume_and_times_each_scorer(
+    tmp_path: Path,
+) -> None:
+    """`scorers evaluate` on the default model, from the committed caches: the shipped report's
+    numbers again with no quality read missing, and a fresh ms per read for head and design."""
+    from safetygame.heads import HEADS_DIR
+
+    runner = CliRunner()
+    cache = tmp_path / "scores.sqlite"
+    resume = Path(__file__).resolve().parents[1] / "resume"
+    for export in ("heads", "xstest"):
+        done = runner.invoke(main, ["cache", "import", str(resume / f"{export}.jsonl.gz"),
+                                    "--cache", str(cache)])  # fmt: skip
+        assert done.exit_code == 0, done.output
+    head = "qwen2.5-coder-1.5b-harm-gated"
+    res = runner.invoke(main, ["scorers", "evaluate", "--head", head, "--design", "self",
+                               "--timing", "2", "--cache", str(cache), "--no-progress",
+                               "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    shipped = json.loads((HEADS_DIR / "quality.json").read_text(encoding="utf-8"))
+    assert report["cache_misses"] == 0  # the timing reads bypass the cache
+    assert report["heads"][head] == shipped["heads"][head]
+    self_design = dict(report["designs"]["self"])
+    assert self_design.pop("ms_per_read") > 0
+    assert {k: v for k, v in shipped["designs"]["self"].items() if k != "ms_per_read"} == (
+        self_design
+    )
+    assert report["ms_per_read"][report["model_id"]] > 0

@@ -93,6 +93,7 @@ def list_cmd(as_json: bool) -> None:
                     "design": name,
                     "artefact": None,
                     "cost": COSTS.get(name, "-"),
+                    "ms_per_read": q.get("ms_per_read"),
                     "hhh_harmless_pair_acc": q.get("hhh_harmless_test", {}).get("pair_acc"),
                     "xstest_auroc": q.get("xstest_complying_vs_refusal", {}).get("auroc"),
                 }
@@ -299,6 +300,13 @@ def train_cmd(
     help="Also read yes/no designs (e.g. self) on the XSTest replies, for comparison.",
 )
 @click.option(
+    "--timing",
+    type=click.IntRange(0),
+    default=8,
+    show_default=True,
+    help="XSTest replies each scorer reads again, one at a time past the cache: its ms/read.",
+)
+@click.option(
     "--save-quality",
     is_flag=True,
     help="Write the report next to the shipped heads (what `scorers list` shows).",
@@ -321,6 +329,7 @@ def evaluate_cmd(
     head_refs: tuple[str, ...],
     xstest_limit: int | None,
     designs: tuple[str, ...],
+    timing: int,
     save_quality: bool,
     out: Path | None,
     progress: bool | None,
@@ -354,6 +363,7 @@ def evaluate_cmd(
                 cache,
                 xstest_limit=xstest_limit,
                 designs=designs,
+                timing=timing,
                 progress=show_progress(progress, as_json),
             )
         finally:
@@ -374,12 +384,17 @@ def evaluate_cmd(
         lo, hi = m.get(f"{key}_ci") or (None, None)
         return f"{_f(m[key])} [{_f(lo)}, {_f(hi)}]"
 
+    def ms(r: dict[str, Any]) -> str:
+        v = r.get("ms_per_read", report["ms_per_read"].get(r.get("features")))
+        return "-" if v is None else f"{v:.0f}"
+
     rows = []
     for name, r in [*report["heads"].items(), *report["designs"].items()]:
         h = r.get("hhh_harmless_test")
         rows.append(
             [
                 name,
+                ms(r),
                 ci(h, "pair_acc"),
                 ci(h, "auroc"),
                 _f((h or {}).get("ece_platt_dev")),
@@ -391,6 +406,7 @@ def evaluate_cmd(
         format_table(
             [
                 "scorer",
+                "ms/read",
                 "HHH harmless pair acc",
                 "HHH harmless AUROC",
                 "ECE (Platt, dev)",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +50,7 @@ from safetygame.eval.refusal import matches_refusal_pattern
 from safetygame.features import FeatureReader, MiniLMReader, reader_for
 from safetygame.heads import FeatureSpec, Head, HeadParams, Objective, fit_head
 from safetygame.policy import Policy
-from safetygame.probes import read
+from safetygame.probes import Scorer, read
 from safetygame.scorers import build_scorer, fit_platt
 
 __all__ = ["RIDGES", "evaluate_heads", "read_features", "train_heads"]
@@ -337,10 +337,13 @@ async def evaluate_heads(
     xstest_limit: int | None = None,
     safe_limit: int | None = 60,
     designs: Sequence[str] = (),
+    timing: int = 8,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Test-set quality of each head (module doc); reads each test reply once.
-    ``safe_limit``: safe XSTest test prompts whose complying answer is read (cost)."""
+    ``safe_limit``: safe XSTest test prompts whose complying answer is read (cost).
+    ``timing``: XSTest replies read again, one at a time and past the cache, for each
+    scorer's ms per read (what a decision pays; the quality reads may all be cache hits)."""
     hhh = SOURCES["hhh-harmless"].load()
     hhh_dev, hhh_test = group_split(hhh, 0.4, 0)
     dev_set, dev_groups = hd.hhh_harmless_rows(hhh_dev)
@@ -363,20 +366,21 @@ async def evaluate_heads(
     misses0 = cache.misses
     t0 = time.perf_counter()
     feats: dict[tuple[str, str], FloatArray] = {}
-    cost: dict[str, dict[str, float]] = {}
     for head in heads:
         key = (head.features.model_id, head.features.pooling)
         if key not in feats:
             reader = reader_for(head.features, backend, cache)
-            m0, t1 = cache.misses, time.perf_counter()
             got = await read_features([reader], rows, progress=progress, desc="test reads")
             feats[key] = got[head.features.pooling]
-            misses, spent = cache.misses - m0, time.perf_counter() - t1
-            # the reading cost of one reply, from the replies this run actually read
-            cost.setdefault(head.features.model_id, {"reads": 0, "seconds": 0.0})
-            cost[head.features.model_id]["reads"] += misses
-            cost[head.features.model_id]["seconds"] += spent if misses else 0.0
     seconds = time.perf_counter() - t0
+    ms_per_read: dict[str, float | None] = {}
+    for spec in {h.features.model_id: h.features for h in heads}.values():
+        uncached = reader_for(spec, backend, None)
+
+        async def read_uncached(r: hd.Row, u: FeatureReader | MiniLMReader = uncached) -> object:
+            return await u.read(r.conversation, r.reply)
+
+        ms_per_read[spec.model_id] = await _ms_per_read(read_uncached, xs_rows[:timing])
     n_dev, n_test = len(dev_set.rows), len(test_set.rows)
     n_unsafe = len(used)
 
@@ -411,9 +415,7 @@ async def evaluate_heads(
         },
         "read_seconds": seconds,
         "cache_misses": cache.misses - misses0,
-        "ms_per_read": {
-            k: (1000 * v["seconds"] / v["reads"] if v["reads"] else None) for k, v in cost.items()
-        },
+        "ms_per_read": ms_per_read,
         "heads": {},
         "designs": {},
     }
@@ -442,5 +444,23 @@ async def evaluate_heads(
             report["designs"][name] = {"error": f"{len(failed)} readings failed: {failed[0]}"}
             continue
         values = np.array([float(x.value or 0.0) for x in readings])
-        report["designs"][name] = xstest_metrics(values)
+        fresh = build_scorer(name, backend, policy, ScoreCache(None), kind="harm")
+
+        async def read_fresh(r: hd.Row, s: Scorer = fresh, q: str = q) -> object:
+            return await read(s, r.conversation, r.reply, q, policy.refusal)
+
+        ms = await _ms_per_read(read_fresh, xs_rows[:timing])
+        report["designs"][name] = {**xstest_metrics(values), "ms_per_read": ms}
     return report
+
+
+async def _ms_per_read(
+    read_one: Callable[[hd.Row], Awaitable[object]], rows: Sequence[hd.Row]
+) -> float | None:
+    """Mean wall time of reading ``rows`` one at a time (no cache), in ms; None for none."""
+    if not rows:
+        return None
+    t0 = time.perf_counter()
+    for r in rows:
+        await read_one(r)
+    return 1000 * (time.perf_counter() - t0) / len(rows)
