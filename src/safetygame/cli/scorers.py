@@ -65,6 +65,14 @@ def _f(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
 
 
+def _test_quality(q: dict[str, Any]) -> dict[str, Any]:
+    """The two test columns of `scorers list`, from one scorer's entry in the quality report."""
+    return {
+        "hhh_harmless_pair_acc": q.get("hhh_harmless_test", {}).get("pair_acc"),
+        "xstest_auroc": q.get("xstest_complying_vs_refusal", {}).get("auroc"),
+    }
+
+
 @scorers.command("list")
 @json_option
 @clean_errors
@@ -94,13 +102,11 @@ def list_cmd(as_json: bool) -> None:
                     "artefact": None,
                     "cost": COSTS.get(name, "-"),
                     "ms_per_read": q.get("ms_per_read"),
-                    "hhh_harmless_pair_acc": q.get("hhh_harmless_test", {}).get("pair_acc"),
-                    "xstest_auroc": q.get("xstest_complying_vs_refusal", {}).get("auroc"),
+                    **_test_quality(q),
                 }
             )
             continue
         for h in arts:
-            q = quality.get(h.name, {})
             rows.append(
                 {
                     "design": name,
@@ -108,8 +114,7 @@ def list_cmd(as_json: bool) -> None:
                     "cost": COSTS[name],
                     "ms_per_read": ms.get(h.features.model_id),
                     "dev": h.quality.get("dev", {}).get("dev_score"),
-                    "hhh_harmless_pair_acc": q.get("hhh_harmless_test", {}).get("pair_acc"),
-                    "xstest_auroc": q.get("xstest_complying_vs_refusal", {}).get("auroc"),
+                    **_test_quality(quality.get(h.name, {})),
                 }
             )
     if as_json:
