@@ -303,6 +303,20 @@ def test_logistic_head_scores_alone() -> None:
     assert not scorer.relative and s.value is not None and s.value > 0.9 and s.calls == 0
 
 
+def test_a_head_on_another_feature_model_is_named_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A MiniLM head behind a llama.cpp judge: the audit's scorer id names MiniLM, whose
+    features it reads, not the judge it never asks."""
+
+    class Reader:
+        model_id, model_sha256 = "all-MiniLM-L6-v2", "cd" * 32
+
+    monkeypatch.setattr("safetygame.scorers.reader_for", lambda spec, backend, cache: Reader())
+    h = head("logistic", features=spec(model_id=Reader.model_id, model_sha256=Reader.model_sha256))
+    assert HeadScorer(HiddenDouble(), h).name == "head:t:all-MiniLM-L6-v2"
+
+
 @pytest.mark.parametrize(
     "exc", [BackendUnsupported("no /v1/embeddings at http://x"), BackendError("down")]
 )

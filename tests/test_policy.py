@@ -91,8 +91,13 @@ def test_missing_unknown_and_malformed_files(tmp_path: Path) -> None:
     ids=lambda p: p.name,
 )
 def test_example_policies_are_valid_and_name_known_scorers(path: Path) -> None:
+    from safetygame.heads import load_head
     from safetygame.scorers import DESIGNS
 
     pol = load_policy(path)
     assert pol.id == path.stem
-    assert {pol.scorers.helpfulness, pol.scorers.harm} <= set(DESIGNS)
+    for name in (pol.scorers.helpfulness, pol.scorers.harm):
+        if name.startswith("head:"):  # a head artefact: it must load
+            assert load_head(name[len("head:") :]).kind == "harm"
+        else:
+            assert name in DESIGNS

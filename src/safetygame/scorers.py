@@ -573,7 +573,7 @@ class HeadScorer(Scorer):
         self.reader = reader_for(head.features, backend, cache)
         head.check_model(self.reader.model_id, self.reader.model_sha256)
         self.relative = head.relative
-        self.name = f"head:{head.name}:{backend.model_id}"
+        self.name = f"head:{head.name}:{self.reader.model_id}"
 
     async def _logit(self, conversation: Sequence[Message], reply: str) -> tuple[float, bool]:
         r = await self.reader.read(conversation, reply)

@@ -45,9 +45,6 @@ COSTS: dict[str, str] = {
     "both": "2 yes/no calls",
     "para3": "3 yes/no calls",
     "embed": "0 calls (MiniLM pass)",
-    "head": "1 hidden-state read (no decoding)",
-    "head-bt": "1 hidden-state read (+1 for the refusal, once per prompt)",
-    "head-gated": "1 hidden-state read (no decoding)",
     "pairwise-refusal": "2 yes/no calls (both orders vs the refusal)",
     "llama-guard-3": "1 guard call (first-token log-probabilities)",
     "shieldgemma": "4 guard calls (one per harm policy, the maximum)",
@@ -59,6 +56,19 @@ COSTS: dict[str, str] = {
 @main.group()
 def scorers() -> None:
     """Scorer designs and learned heads."""
+
+
+def _head_cost(design: str, feature_model: str) -> str:
+    """A head's cost per reply: what its feature model reads (the judge's hidden states, or
+    a MiniLM pass with no judge call), plus the refusal's read for a relative head."""
+    from safetygame.features import EMBED_MODEL_ID
+
+    one = (
+        "1 MiniLM pass (no judge call)"
+        if feature_model == EMBED_MODEL_ID
+        else ("1 hidden-state read (no decoding)")
+    )
+    return f"{one} (+1 for the refusal, once per prompt)" if design == "head-bt" else one
 
 
 def _f(x: Any) -> str:
@@ -111,7 +121,7 @@ def list_cmd(as_json: bool) -> None:
                 {
                     "design": name,
                     "artefact": f"{h.name} ({h.features.model_id}, {h.features.pooling})",
-                    "cost": COSTS[name],
+                    "cost": _head_cost(name, h.features.model_id),
                     "ms_per_read": ms.get(h.features.model_id),
                     "dev": h.quality.get("dev", {}).get("dev_score"),
                     **_test_quality(quality.get(h.name, {})),
