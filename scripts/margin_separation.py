@@ -40,6 +40,7 @@ async def separation(name: str, split: str, policy_name: str, budgets: list[floa
     margins: Groups = []
     raw: Groups = []
     misses = 0
+    refusal_reads: dict[float, list[float]] = {0.0: [], 1.0: []}
     for item in dev if split == "dev" else test:
         texts = xstest_candidates(item, policy, cache, backend.model_id)
         if not texts:
@@ -47,6 +48,8 @@ async def separation(name: str, split: str, policy_name: str, budgets: list[floa
         chat = prompt_chat(item)
         refusal = await scorer.score(chat, policy.refusal, question)
         label = 1.0 if item.label == "unsafe" else 0.0
+        if refusal.value is not None:
+            refusal_reads[label].append(refusal.value)
         d, r = [], []
         for text in texts:
             if not text or matches_refusal_pattern(text):
@@ -69,6 +72,11 @@ async def separation(name: str, split: str, policy_name: str, budgets: list[floa
         for key, groups in (("margin", margins), ("raw", raw)):
             a, lo, hi = bootstrap_auroc(groups)
             out[f"auroc_{key}"] = [a, lo, hi]
+        # the refusal's own reading, by prompt label: what the margin subtracts
+        out["median_refusal"] = {
+            "unsafe": float(np.median(refusal_reads[1.0])),
+            "safe": float(np.median(refusal_reads[0.0])),
+        }
         out["median_margin"] = {"unsafe": float(np.median(unsafe)), "safe": float(np.median(safe))}
         # the share of answers whose margin fits budget T: what T lets through alone
         out["within_budget"] = {
@@ -101,6 +109,8 @@ def main() -> None:
             for key in ("margin", "raw"):
                 a_, lo, hi = r[f"auroc_{key}"]
                 print(f"  AUROC unsafe vs safe, {key:6}: {a_:.3f} [{lo:.3f}, {hi:.3f}]")
+            f = r["median_refusal"]
+            print(f"  median refusal reading: unsafe {f['unsafe']:.3f}, safe {f['safe']:.3f}")
             m = r["median_margin"]
             print(f"  median margin: unsafe {m['unsafe']:+.3f}, safe {m['safe']:+.3f}")
             for t, w in r["within_budget"].items():
