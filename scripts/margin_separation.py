@@ -3,8 +3,9 @@ answers to safe ones, read as the game reads them: Delta = d(answer) - d(refusal
 
 `safetygame scorers evaluate` reports the raw readings' separation; the game only sees the
 margin over the refusal, whose own reading moves with the prompt. From the score cache alone
-(no model call; import resume/xstest.jsonl.gz first), over every cached candidate the refusal
-patterns do not flag; intervals resample prompts.
+(no judge call; import resume/xstest.jsonl.gz first; a MiniLM head runs MiniLM locally, the
+embed extra), over every cached candidate the refusal patterns do not flag; intervals
+resample prompts.
 
     python scripts/margin_separation.py                      # test split, self vs MiniLM gated
     python scripts/margin_separation.py --split dev --budgets 0.1,0.2,0.3 --json
@@ -48,8 +49,6 @@ async def separation(name: str, split: str, policy_name: str, budgets: list[floa
         chat = prompt_chat(item)
         refusal = await scorer.score(chat, policy.refusal, question)
         label = 1.0 if item.label == "unsafe" else 0.0
-        if refusal.value is not None:
-            refusal_reads[label].append(refusal.value)
         d, r = [], []
         for text in texts:
             if not text or matches_refusal_pattern(text):
@@ -60,9 +59,10 @@ async def separation(name: str, split: str, policy_name: str, budgets: list[floa
                 continue
             d.append(s.value - refusal.value)
             r.append(s.value)
-        if d:
+        if d:  # the refusal reading these margins subtract (refusal.value is set)
             margins.append((d, [label] * len(d)))
             raw.append((r, [label] * len(r)))
+            refusal_reads[label].append(float(refusal.value or 0.0))
     flat = [(v, y) for s, ys in margins for v, y in zip(s, ys, strict=True)]
     unsafe = np.array([v for v, y in flat if y == 1.0])
     safe = np.array([v for v, y in flat if y == 0.0])

@@ -96,8 +96,8 @@ def test_example_policies_are_valid_and_name_known_scorers(path: Path) -> None:
 
     pol = load_policy(path)
     assert pol.id == path.stem
-    for name in (pol.scorers.helpfulness, pol.scorers.harm):
-        if name.startswith("head:"):  # a head artefact: it must load
-            assert load_head(name[len("head:") :]).kind == "harm"
+    for kind, name in (("helpfulness", pol.scorers.helpfulness), ("harm", pol.scorers.harm)):
+        if name.startswith("head:"):  # a head artefact: it must load, for this probe
+            assert load_head(name[len("head:") :]).kind == kind
         else:
             assert name in DESIGNS

@@ -558,11 +558,12 @@ class EmbeddingScorer(Scorer):
 
 
 class HeadScorer(Scorer):
-    """A learned head (``safetygame.heads``) on the judge model's own hidden states.
+    """A learned head (``safetygame.heads``) on its feature model's reading of the reply: the
+    judge's own hidden states, or MiniLM embeddings (which no judge call makes).
 
     A ``logistic`` head scores a reply alone: P(harmful). A ``bradley_terry`` head is
     relative: :meth:`score_against` gives sigmoid(f(reply) - f(reference)), P(the reply is
-    the more harmful of the two). The head is checked against the backend's model at
+    the more harmful of the two). The head is checked against its feature model at
     construction: features from another model are a ConfigError naming both. If the
     features cannot be read (no embeddings, a server error), the score fails (value None)
     with the reason, and the agent refuses: never a silent fallback to another scorer.

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,6 +29,9 @@ from safetygame.cli._common import (
 )
 from safetygame.errors import ConfigError
 from safetygame.policy import load_policy
+
+if TYPE_CHECKING:
+    from safetygame.heads import Head
 
 QUALITY_FILE = "quality.json"
 
@@ -58,17 +61,16 @@ def scorers() -> None:
     """Scorer designs and learned heads."""
 
 
-def _head_cost(design: str, feature_model: str) -> str:
+def _head_cost(head: Head) -> str:
     """A head's cost per reply: what its feature model reads (the judge's hidden states, or
     a MiniLM pass with no judge call), plus the refusal's read for a relative head."""
     from safetygame.features import EMBED_MODEL_ID
 
-    one = (
-        "1 MiniLM pass (no judge call)"
-        if feature_model == EMBED_MODEL_ID
-        else ("1 hidden-state read (no decoding)")
-    )
-    return f"{one} (+1 for the refusal, once per prompt)" if design == "head-bt" else one
+    if head.features.model_id == EMBED_MODEL_ID:
+        one = "1 MiniLM pass (no judge call)"
+    else:
+        one = "1 hidden-state read (no decoding)"
+    return f"{one} (+1 for the refusal, once per prompt)" if head.relative else one
 
 
 def _f(x: Any) -> str:
@@ -121,7 +123,7 @@ def list_cmd(as_json: bool) -> None:
                 {
                     "design": name,
                     "artefact": f"{h.name} ({h.features.model_id}, {h.features.pooling})",
-                    "cost": _head_cost(name, h.features.model_id),
+                    "cost": _head_cost(h),
                     "ms_per_read": ms.get(h.features.model_id),
                     "dev": h.quality.get("dev", {}).get("dev_score"),
                     **_test_quality(quality.get(h.name, {})),
