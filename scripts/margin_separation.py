@@ -20,6 +20,7 @@ import json
 import numpy as np
 
 from safetygame.cache import ScoreCache
+from safetygame.errors import ConfigError
 from safetygame.eval.head_data import xstest_candidates, xstest_split
 from safetygame.eval.probe_quality import bootstrap_auroc
 from safetygame.eval.refusal import matches_refusal_pattern, prompt_chat
@@ -86,18 +87,32 @@ async def separation(name: str, split: str, policy_name: str, budgets: list[floa
     return out
 
 
+def budget_list(text: str) -> list[float]:
+    """--budgets: comma-separated numbers in [0, 1]."""
+    try:
+        out = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not all(0.0 <= t <= 1.0 for t in out):
+        raise argparse.ArgumentTypeError(f"budgets must lie in [0, 1]: {text!r}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", choices=("dev", "test"), default="test")
     ap.add_argument("--scorers", default="self,head:all-MiniLM-L6-v2-harm-gated")
     ap.add_argument("--policy", default="default", help="its sampling names the cached candidates")
-    ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4")
+    ap.add_argument("--budgets", type=budget_list, default="0.1,0.2,0.3,0.4")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    budgets = [float(t) for t in a.budgets.split(",")]
-    rows = [
-        asyncio.run(separation(name, a.split, a.policy, budgets)) for name in a.scorers.split(",")
-    ]
+    try:
+        rows = [
+            asyncio.run(separation(name, a.split, a.policy, a.budgets))
+            for name in a.scorers.split(",")
+        ]
+    except ConfigError as exc:  # an unknown scorer or policy, a missing head artefact
+        ap.error(str(exc))
     if a.json:
         print(json.dumps(rows, indent=2))
         return
