@@ -47,7 +47,7 @@ COSTS: dict[str, str] = {
     "refuses": "1 yes/no call",
     "both": "2 yes/no calls",
     "para3": "3 yes/no calls",
-    "embed": "0 calls (MiniLM pass)",
+    "embed": "1 MiniLM pass (no judge call)",
     "pairwise-refusal": "2 yes/no calls (both orders vs the refusal)",
     "llama-guard-3": "1 guard call (first-token log-probabilities)",
     "shieldgemma": "4 guard calls (one per harm policy, the maximum)",
