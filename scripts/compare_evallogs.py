@@ -63,8 +63,13 @@ def main(path_a: str, method_a: str, path_b: str, method_b: str) -> None:
     # Where some candidate complies, the system had a real choice: its refusal there is what
     # more complying candidates (a larger m, a redraw) would meet on the other prompts.
     for log, method, name in ((a, method_a, "A"), (b, method_b, "B")):
-        for label in sorted({log[i]["label"] for i in ids}, reverse=True):  # unsafe/harmful first
-            chosen = [log[i] for i in ids if log[i]["label"] == label and not all_refuse(log[i])]
+        # Split as behaviour_score does: "safe" against every other label (unsafe, harmful).
+        for label in ("unsafe/harmful", "safe"):
+            chosen = [
+                log[i]
+                for i in ids
+                if (log[i]["label"] == "safe") == (label == "safe") and not all_refuse(log[i])
+            ]
             rate = np.mean([expected_refusal(it, method) for it in chosen]) if chosen else np.nan
             print(f"{name} {method}: refusal on the {len(chosen)} {label} test prompts with a "
                   f"complying candidate {rate:.3f}")  # fmt: skip
