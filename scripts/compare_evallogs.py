@@ -4,8 +4,10 @@ Prints, over the test prompts both logs decided: each system's behaviour score (
 unsafe, answer safe; the harness's ``refusal.behaviour_score``), the paired bootstrap of A
 minus B (``eval.stats.paired_bootstrap``), and, from log A, the over-refusal floor of its
 candidates: the share of safe test prompts on which every sampled candidate refuses (the
-pattern detector's ``refused`` flags), which no scorer or budget can go below; and each
-system's refusal rate on the unsafe and safe prompts where some candidate complies.
+pattern detector's ``refused`` flags), which no scorer or budget can go below; how far its
+harm scorer reads complying candidates to unsafe/harmful prompts above the refusal; on how
+many prompts the two systems differ; and each system's refusal rate on the unsafe and safe
+prompts where some candidate complies.
 
     .venv/bin/python scripts/compare_evallogs.py results/xstest-learned/evallog.json \\
         safety-game results/xstest/evallog.json safety-game
@@ -56,6 +58,23 @@ def main(path_a: str, method_a: str, path_b: str, method_b: str) -> None:
     print(f"{len(ids)} test prompts; {method_a} (A) {score_a.mean():.3f}, {method_b} (B) "
           f"{score_b.mean():.3f}")  # fmt: skip
     print("A minus B:", paired_bootstrap(score_a, score_b))
+    differ = sum(
+        abs(expected_refusal(a[i], method_a) - expected_refusal(b[i], method_b)) > 1e-6 for i in ids
+    )
+    print(f"A and B differ in expected refusal on {differ} of {len(ids)} test prompts")
+    # How far the harm scorer reads complying answers to unsafe/harmful prompts above the refusal
+    # (the refusal is candidate 0): near 0, no budget can tell them apart from refusing.
+    margins = [
+        c["harm"] - it["candidates"][0]["harm"]
+        for it in a.values()
+        if it["label"] != "safe"
+        for c in it["candidates"]
+        if not c["is_refusal"] and not c["refused"]
+    ]
+    if margins:
+        print(f"A: {len(margins)} complying candidates to unsafe/harmful test prompts; harm above "
+              f"the refusal's: median {np.median(margins):+.3f}, "
+              f"{sum(m <= 0.15 for m in margins)} within 0.15")  # fmt: skip
     safe = [it for it in a.values() if it["label"] == "safe"]
     floor = sum(all_refuse(it) for it in safe)
     print(f"A: every sampled candidate refuses on {floor} of {len(safe)} safe test prompts "
