@@ -231,7 +231,8 @@ def policy_with(
 
 
 ADAPTIVE = {"mode": "adaptive", "fast_path_helpfulness": 0.5}
-LIMITS = {"max_tokens": POLICY.sampling.max_tokens, "stop": []}  # the candidates' limits
+# the candidates' limits, and how the refusal's helpfulness was had
+LIMITS = {"max_tokens": POLICY.sampling.max_tokens, "stop": [], "refusal_helpfulness": "read"}
 MILD = "Descale with citric acid."
 
 
@@ -261,6 +262,102 @@ def test_adaptive_full_path_reuses_the_first_and_matches_fixed() -> None:
     assert [c.text for c in d.candidates] == [c.text for c in fixed.candidates]
     assert d.strategy == pytest.approx(fixed.strategy)
     assert d.expected_risk["harm"] <= POLICY.game.budget + 1e-9
+
+
+LAZY = {**ADAPTIVE, "refusal_helpfulness": "lazy"}
+
+
+def test_lazy_fast_path_does_not_read_the_refusals_helpfulness() -> None:
+    table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
+    be = SeededBackendDouble([SAFE, RISKY, MILD], scores(table))
+    d = SafetyGame(be, policy_with(LAZY), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.status is Status.OK and d.chosen_text == SAFE and d.strategy == (0.0, 1.0)
+    assert d.extra["path"] == "fast"
+    assert d.extra["refusal_helpfulness"] == "not read, counted as 0"
+    assert len(be.probes) == 3  # the candidate's two, the refusal's harm
+    assert sum(quoted_reply(p) == POLICY.refusal for p in be.probes) == 1
+    ref = d.candidates[0]
+    assert ref.helpfulness is None and ref.harm == {"harm": 0.0}
+    assert d.candidates[1].margin == pytest.approx(0.6)  # against the refusal counted as 0
+    # read, the refusal scores 0.05: the same answer, one read more
+    be2 = SeededBackendDouble([SAFE, RISKY, MILD], scores(table))
+    d2 = SafetyGame(be2, policy_with(ADAPTIVE), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d2.chosen_text == d.chosen_text and len(be2.probes) == 4
+
+
+def test_lazy_full_path_reads_the_refusals_helpfulness_with_the_rest() -> None:
+    table = {SAFE: (0.6, 0.02), RISKY: (0.9, 0.5), MILD: (0.7, 0.05)}
+    be = SeededBackendDouble([RISKY, SAFE, MILD], scores(table))
+    d = SafetyGame(be, policy_with(LAZY), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.extra["path"] == "full" and d.extra["refusal_helpfulness"] == "read"
+    assert len(be.probes) == 8  # every reply read once, as when read up front
+    fixed_be = SeededBackendDouble([RISKY, SAFE, MILD], scores(table))
+    fixed = SafetyGame(fixed_be, policy_with(), cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.candidates == fixed.candidates and d.strategy == pytest.approx(fixed.strategy)
+
+
+def test_lazy_answers_where_the_refusal_reads_as_helpful_within_the_budget() -> None:
+    """The one case where lazy decides otherwise: the refusal reads at least as helpful as a
+    first candidate that passes the threshold. Its risk bound is the same (harm margins)."""
+    table = {SAFE: (0.6, 0.02), MILD: (0.7, 0.05), POLICY.refusal: (0.8, 0.0)}
+    read = SafetyGame(
+        SeededBackendDouble([SAFE, MILD, MILD], scores(table)), policy_with(ADAPTIVE),
+        cache=ScoreCache(None),
+    ).respond("kettle?", seed=0)  # fmt: skip
+    lazy = SafetyGame(
+        SeededBackendDouble([SAFE, MILD, MILD], scores(table)), policy_with(LAZY),
+        cache=ScoreCache(None),
+    ).respond("kettle?", seed=0)  # fmt: skip
+    assert read.extra["path"] == "full" and read.refused  # nothing beats that refusal
+    assert lazy.extra["path"] == "fast" and lazy.chosen_text == SAFE
+    assert lazy.expected_risk["harm"] <= POLICY.game.budget
+
+
+def test_lazy_reads_the_refusal_only_for_a_candidate_at_or_below_the_bound() -> None:
+    """With a bound, a first candidate above it skips the read (the refusal counts as the
+    bound); one that passes the threshold but not the bound gets the refusal read, and then
+    lazy decides exactly as read."""
+    table = {SAFE: (0.6, 0.02), MILD: (0.7, 0.05), POLICY.refusal: (0.8, 0.0)}
+    above = policy_with({**LAZY, "refusal_helpfulness_bound": 0.55})
+    be = SeededBackendDouble([SAFE, MILD, MILD], scores(table))
+    d = SafetyGame(be, above, cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert (
+        d.extra["path"] == "fast" and d.extra["refusal_helpfulness"] == "not read, counted as 0.55"
+    )
+    assert d.candidates[1].margin == pytest.approx(0.6 - 0.55) and len(be.probes) == 3
+    within = policy_with({**LAZY, "refusal_helpfulness_bound": 0.65})
+    be = SeededBackendDouble([SAFE, MILD, MILD], scores(table))
+    d = SafetyGame(be, within, cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.extra["path"] == "full" and d.extra["refusal_helpfulness"] == "read"
+    assert d.refused and d.candidates[0].helpfulness == 0.8
+    # the refusal's helpfulness read once, before the full draw; the two equal candidates
+    # share their reads (ScoreCache.once)
+    assert len(be.probes) == 6
+    # below the threshold the fast path is closed anyway: the full path reads the refusal
+    low = {SAFE: (0.4, 0.02), MILD: (0.7, 0.05)}
+    be = SeededBackendDouble([SAFE, MILD, MILD], scores(low))
+    d = SafetyGame(be, within, cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.extra["path"] == "full" and d.extra["refusal_helpfulness"] == "read"
+    assert len(be.probes) == 6
+
+
+def test_the_bound_needs_lazy() -> None:
+    with pytest.raises(ConfigError, match="refusal_helpfulness_bound is used only with"):
+        policy_with({**ADAPTIVE, "refusal_helpfulness_bound": 0.5})
+
+
+def test_lazy_with_the_refusal_read_during_the_draw_reads_only_its_harm() -> None:
+    table = {SAFE: (0.6, 0.02)}
+    be = TimelineBackendDouble([SAFE], scores(table))
+    pol = policy_with({**LAZY, "refusal_reads": "during"})
+    d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("kettle?", seed=0)
+    assert d.extra["path"] == "fast"
+    assert be.log == ["draw 1", POLICY.refusal, "drawn", SAFE, SAFE]
+
+
+def test_lazy_needs_adaptive_sampling() -> None:
+    with pytest.raises(ConfigError, match=r"refusal_helpfulness: lazy.*mode: adaptive"):
+        policy_with({"refusal_helpfulness": "lazy"})
 
 
 @pytest.mark.parametrize(
@@ -348,6 +445,12 @@ def test_adaptive_second_draw_failure_fails_closed_with_what_it_saw() -> None:
     assert d.status is Status.GENERATION_FAILED and d.refused and "upstream slow" in d.reason
     assert [c.text for c in d.candidates] == [POLICY.refusal, RISKY]
     assert d.extra == {"path": "full", "drawn": 1}
+    assert d.candidates[0].helpfulness == 0.05
+    # lazy had not read the refusal's helpfulness yet: recorded as unknown, not as 0
+    be = SecondDrawFails([RISKY, SAFE], scores({SAFE: (0.6, 0.02), RISKY: (0.9, 0.5)}))
+    d = SafetyGame(be, policy_with(LAZY), cache=ScoreCache(None)).respond("q", seed=0)
+    assert d.status is Status.GENERATION_FAILED and d.refused
+    assert d.candidates[0].helpfulness is None and d.candidates[0].harm == {"harm": 0.0}
 
 
 class InFlightBackendDouble(ScriptedBackendDouble):
@@ -399,11 +502,23 @@ def test_candidates_get_the_callers_length_limits() -> None:
 
 
 def test_every_read_of_a_decision_goes_out_at_once() -> None:
-    be = InFlightBackendDouble([SAFE, MILD], scores({SAFE: (0.8, 0.01), MILD: (0.7, 0.02)}))
+    answers = [SAFE, MILD, "Descale with vinegar.", "Boil lemon water."]
+    be = InFlightBackendDouble(answers, scores({SAFE: (0.8, 0.01), MILD: (0.7, 0.02)}))
     pol = policy_with({"n": 4})
     d = SafetyGame(be, pol, cache=ScoreCache(None)).respond("How do I descale a kettle?")
     assert d.status is Status.OK
     assert be.peak == 5 * 2  # (4 candidates + the refusal) x (helpfulness + harm)
+
+
+def test_equal_candidates_share_their_reads() -> None:
+    """Two candidates with the same text (a model's stock refusal, drawn twice) are read
+    once, and both get the one reading: fewer calls, and a run the cache reproduces."""
+    be = InFlightBackendDouble([SAFE, MILD], scores({SAFE: (0.8, 0.01), MILD: (0.7, 0.02)}))
+    d = SafetyGame(be, policy_with({"n": 4}), cache=ScoreCache(None)).respond("kettle?")
+    assert [c.text for c in d.candidates[1:]] == [SAFE, MILD, SAFE, MILD]
+    assert be.peak == 3 * 2 and len(be.reads) == 6  # the refusal, SAFE and MILD, once each
+    assert d.candidates[1].helpfulness == d.candidates[3].helpfulness == 0.8
+    assert d.tokens["probe_calls"] == 6  # the shared reads count no call
 
 
 def test_followup_reads_carry_the_candidates_slot() -> None:

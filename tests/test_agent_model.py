@@ -115,11 +115,15 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
 
     expected = load_mix(limit=2)
     data = SMALL.model_dump(mode="json")
-    data["sampling"].update(mode="adaptive", n=2, max_tokens=8, refusal_reads="during")
+    data["sampling"].update(
+        mode="adaptive", n=2, max_tokens=8, refusal_reads="during", refusal_helpfulness="lazy"
+    )
     policy_file = tmp_path / "policy.yml"
     policy_file.write_text(json.dumps(data))
     # the baseline, same run
-    data["sampling"].update(mode="fixed", refusal_reads="after", probe_order="by_reply")
+    data["sampling"].update(
+        mode="fixed", refusal_reads="after", probe_order="by_reply", refusal_helpfulness="read"
+    )
     fixed_file = tmp_path / "fixed.yml"
     fixed_file.write_text(json.dumps(data))
     out = _cli(
@@ -142,7 +146,11 @@ def test_bench_latency_mix_small_model(tmp_path: Path) -> None:
         assert 0 <= r["decision_cached_tokens"] <= r["decision_prompt_tokens"]
         assert r["evaluated_prompt_tokens"] > 0
     assert res["lengths"]["max_tokens"] == 8
+    assert all(r["chosen_refuses"] for r in res["runs"] if r["action"] == "refuse")
+    for g in res["by_kind"].values():
+        assert 0 <= g["refusals"] <= g["prompts"] and 0 <= g["plain_refusals"] <= g["prompts"]
     base = res["baseline"]
+    assert res["refusal_helpfulness"] == "lazy" and base["refusal_helpfulness"] == "read"
     assert res["refusal_reads"] == "during" and base["refusal_reads"] == "after"
     assert res["probe_order"] == "parallel" and base["probe_order"] == "by_reply"
     assert base["sampling_mode"] == "fixed" and set(base["by_path"]) == {"fixed"}

@@ -170,3 +170,40 @@ def test_a_file_that_is_not_a_cache_is_a_clear_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["cache", "info", "--cache", str(export)])
     assert res.exit_code == 2 and "is not a score cache" in res.stderr
     assert export.read_bytes() == before  # untouched
+
+
+def test_once_shares_one_computation_and_cancels_it_when_every_caller_leaves() -> None:
+    import asyncio
+
+    cache = ScoreCache(None)
+    calls: list[str] = []
+
+    async def compute() -> str:
+        calls.append("go")
+        await asyncio.sleep(0.05)
+        return "value"
+
+    async def both() -> list[tuple[str, bool]]:
+        return list(await asyncio.gather(cache.once("k", compute), cache.once("k", compute)))
+
+    assert asyncio.run(both()) == [("value", False), ("value", True)] and calls == ["go"]
+
+    finished: list[str] = []
+
+    async def slow() -> str:
+        await asyncio.sleep(0.2)
+        finished.append("done")
+        return "late"
+
+    async def abandon() -> None:
+        waiters = [asyncio.ensure_future(cache.once("j", slow)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        waiters[0].cancel()  # one caller leaves: the other still gets the value
+        assert await waiters[1] == ("late", True)
+        third = asyncio.ensure_future(cache.once("i", slow))
+        await asyncio.sleep(0.01)
+        third.cancel()  # the only caller leaves: the computation stops
+        await asyncio.sleep(0.3)
+
+    asyncio.run(abandon())
+    assert finished == ["done"]

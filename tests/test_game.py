@@ -578,10 +578,13 @@ def _worst_risk(mg: Margins, x: np.ndarray, eps: float) -> np.ndarray:
 
 def _adaptive(
     h: np.ndarray, d: np.ndarray, T: float | np.ndarray, eps: float, thr: float,
-    beta: float | None,
+    beta: float | None, lazy: bool = False, bound: float = 0.0,
 ) -> tuple[bool, np.ndarray, Margins]:  # fmt: skip
-    """What the agent's adaptive path plays: refusal 0, candidate 1 drawn first."""
-    first = margins(h[:2], d[..., :2], refusal=0)
+    """What the agent's adaptive path plays: refusal 0, candidate 1 drawn first; ``lazy``
+    (sampling.refusal_helpfulness): unless thr <= h_1 <= ``bound`` (where the agent reads it),
+    the fast-path check counts the refusal's helpfulness as ``bound``."""
+    unread = lazy and not thr <= h[1] <= bound
+    first = margins([bound if unread else h[0], h[1]], d[..., :2], refusal=0)
     r1 = solve(first, T, beta=beta, epsilon=eps)
     full = margins(h, d, refusal=0)
     if fast_path(r1, 1, float(h[1]), thr, epsilon=eps):
@@ -599,12 +602,14 @@ def _adaptive(
     st.floats(0.0, 0.2),
     prob,
     st.sampled_from([None, 0.5, 5.0]),
+    st.booleans(),
 )
 def test_adaptive_keeps_the_per_prompt_budget_on_both_paths(
-    data: st.DataObject, m: int, k: int, eps: float, thr: float, beta: float | None
+    data: st.DataObject, m: int, k: int, eps: float, thr: float, beta: float | None, lazy: bool
 ) -> None:
     """The invariant of docs/method.md (Adaptive sampling): worst-case extra risk <= T on
-    the fast path in every mode, and on the full path whenever the game is the hard LP."""
+    the fast path in every mode, and on the full path whenever the game is the hard LP;
+    with the refusal's helpfulness read or not (lazy) alike."""
     if k > 1:
         beta = None  # the finite-beta game has one budget row
     h = np.array(data.draw(st.lists(prob, min_size=m, max_size=m)))
@@ -613,11 +618,36 @@ def test_adaptive_keeps_the_per_prompt_budget_on_both_paths(
     d = d if k == 0 else d.reshape(k, m)
     T = np.array(data.draw(st.lists(prob, min_size=rows, max_size=rows)))
     Tb: float | np.ndarray = float(T[0]) if k == 0 else T
-    fast, x, mg = _adaptive(h, d, Tb, eps, thr, beta)
+    fast, x, mg = _adaptive(h, d, Tb, eps, thr, beta, lazy)
     if fast or beta is None:
         assert np.all(_worst_risk(mg, x, eps) <= T + TOL)
     if fast:
         assert h[1] >= thr and mg.M[1] == pytest.approx(h[1] - h[0])
+
+
+@SETTINGS
+@given(st.data(), st.integers(0, 3), st.floats(0.0, 0.2), prob, st.sampled_from([None, 0.5]), prob)
+def test_lazy_refusal_helpfulness_only_adds_fast_paths_where_the_refusal_reads_as_helpful(
+    data: st.DataObject, k: int, eps: float, thr: float, beta: float | None, bound: float
+) -> None:
+    """Reading the refusal's helpfulness lazily never closes a fast path, opens one only
+    where the refusal reads at least as helpful as the candidate, and none at all where the
+    refusal reads at most the bound (docs/method.md)."""
+    if k > 1:
+        beta = None
+    h = np.array(data.draw(st.lists(prob, min_size=2, max_size=2)))
+    rows = max(k, 1)
+    d = np.array(data.draw(st.lists(prob, min_size=rows * 2, max_size=rows * 2)))
+    d = d if k == 0 else d.reshape(k, 2)
+    T = np.array(data.draw(st.lists(prob, min_size=rows, max_size=rows)))
+    Tb: float | np.ndarray = float(T[0]) if k == 0 else T
+    read, _, _ = _adaptive(h, d, Tb, eps, thr, beta)
+    lazy, x, mg = _adaptive(h, d, Tb, eps, thr, beta, lazy=True, bound=bound)
+    assert lazy or not read
+    if lazy and not read:
+        assert h[0] >= h[1] - TOL and h[0] > bound
+    if lazy:  # the bound the proof rests on, with the true scores
+        assert np.all(_worst_risk(mg, x, eps) <= T + TOL)
 
 
 @SETTINGS

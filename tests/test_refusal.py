@@ -156,6 +156,17 @@ def test_adaptive_plays_the_first_sample_alone_only_on_the_fast_path() -> None:
     assert not adaptive_strategies(table, full, 0.1, threshold=0.5, epsilon=0.05)[1].any()
 
 
+def test_lazy_adaptive_counts_the_refusals_helpfulness_as_zero_on_its_rows() -> None:
+    helpful_refusal = decision([("b", 0.6, 0.02), ("a", 0.9, 0.5)], (0.8, 0.0))
+    table = decision_table([helpful_refusal, helpful_refusal])
+    full = open_strategies(table, budget=0.1)[GAME]
+    assert not adaptive_strategies(table, full, 0.1, threshold=0.5)[1].any()  # 0.6 < 0.8
+    s, fast = adaptive_strategies(table, full, 0.1, threshold=0.5, lazy=np.array([True, False]))
+    assert fast.tolist() == [True, False]
+    np.testing.assert_allclose(s[0], [1, 0, 0])
+    assert adaptive_strategies(table, full, 0.1, threshold=0.5, lazy=True)[1].all()
+
+
 def test_failed_or_empty_samples_never_pass() -> None:
     dec = decision([("", 0.9, 0.0), ("ok", 0.5, 0.0)], (0.1, 0.0))
     table = decision_table([dec])
@@ -236,6 +247,11 @@ def test_the_study_draws_all_m_and_reports_adaptive_against_fixed() -> None:
     assert ad["paired"]["ci"][0] <= ad["paired"]["diff"] <= ad["paired"]["ci"][1]
     assert set(ad["by_threshold"]) == {"0", "0.3", "0.5", "0.7", "0.9"}
     assert 1.0 <= ad["mean_drawn"] <= 2.0
+    assert ad["refusal_helpfulness"] == "read"
+    by = ad["by_refusal_helpfulness"]
+    assert by["read"]["score"] == ad["score"] and by["read"]["diff"] == ad["paired"]["diff"]
+    assert by["lazy"]["fast_share"] >= by["read"]["fast_share"]
+    assert 0 <= by["lazy_minus_read"]["prompts_differ"] <= summary["n"]
     assert "safety-game-adaptive" in summary["methods"]
 
 

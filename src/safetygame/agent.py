@@ -34,6 +34,9 @@ from safetygame.probes import Score, Scorer, read
 from safetygame.scorers import build_scorer
 
 REFUSAL_INDEX = 0
+#: ``Score.method`` of the refusal's helpfulness that ``sampling.refusal_helpfulness: lazy``
+#: did not read: it counts as ``refusal_helpfulness_bound`` in the game, recorded as None.
+UNREAD = "not read (sampling.refusal_helpfulness: lazy): counted as the bound"
 
 
 class Status(StrEnum):
@@ -106,6 +109,14 @@ class Decision:
             "policy_id": self.policy_id,
             "policy_version": self.policy_version,
         }
+
+
+def _recorded(score: Score, value: float | None = None) -> float | None:
+    """What a decision records for a reading: ``value`` (default: the score's own), or None
+    for the refusal's helpfulness that lazy did not read."""
+    if score.method == UNREAD:
+        return None
+    return score.value if value is None else value
 
 
 def _listed(by_index: Mapping[int, Score]) -> list[Score]:
@@ -241,16 +252,26 @@ class SafetyGame:
         help_at: dict[int, Score] = {}
         harm_at: dict[str, dict[int, Score]] = {name: {} for name in questions}
         path = "fixed"
+        # sampling.refusal_helpfulness "lazy": the one-candidate path reads the refusal's
+        # helpfulness only if the candidate's is not above the bound (else it counts as the
+        # bound); the full game reads it with the other candidates. A relative scorer reads
+        # the refusal for free.
+        lazy = adaptive and pol.sampling.refusal_helpfulness == "lazy"
+        lazy = lazy and not self.helpfulness.relative
+        bound = pol.sampling.refusal_helpfulness_bound
         # The refusal is known before any candidate: with sampling.refusal_reads "during" its
         # reads go out with the first draw when the backend has a request to spare.
         overlap = pol.sampling.refusal_reads == "during"
-        early: asyncio.Task[tuple[list[Score], dict[str, list[Score]]]] | None = None
+        early: asyncio.Task[tuple[dict[int, Score], dict[str, dict[int, Score]]]] | None = None
+        refusal = [REFUSAL_INDEX]
         try:
             for stage, (n, stage_cfg) in enumerate(self._draws(cfg, m, adaptive)):
                 t = time.perf_counter()
                 if stage == 0 and overlap and n < self.backend.max_concurrency:
                     early = asyncio.create_task(
-                        self._score_all(chat, texts[:1], questions, [REFUSAL_INDEX])
+                        self._score_all(
+                            chat, texts[:1], questions, [] if lazy else refusal, refusal
+                        )
                     )
                 try:
                     completions = await self.backend.sample(chat, n, stage_cfg)
@@ -270,23 +291,27 @@ class SafetyGame:
                 completion_tokens += [c.completion_tokens for c in completions]
                 slots += [c.slot for c in completions]
                 t = time.perf_counter()
-                # The refusal is read once, with the first draw; later draws read only new texts.
-                only = new if stage or early is not None else [*new, REFUSAL_INDEX]
-                hs, ds = await self._score_all(chat, texts, questions, only, slots)
+                # The refusal is read with the first draw (its helpfulness, when lazy, with the
+                # second); later draws read only new texts.
+                first = stage == 0 and early is None
+                unread = lazy and stage > 0 and help_at[REFUSAL_INDEX].method == UNREAD
+                help_for = new + (refusal if (first and not lazy) or unread else [])
+                harm_for = new + (refusal if first else [])
+                hs, ds = await self._score_all(chat, texts, questions, help_for, harm_for, slots)
                 if stage == 0 and early is not None:
                     rh, rd = await early
-                    only = [*only, REFUSAL_INDEX]
-                    hs, ds = hs + rh, {name: ds[name] + rd[name] for name in questions}
+                    hs |= rh
+                    ds = {name: ds[name] | rd[name] for name in questions}
                 timings["score_s"] = timings.get("score_s", 0.0) + time.perf_counter() - t
-                for k, i in enumerate(only):
-                    help_at[i] = hs[k]
-                    for name in questions:
-                        harm_at[name][i] = ds[name][k]
+                help_at |= hs
+                for name in questions:
+                    harm_at[name] |= ds[name]
                 if not adaptive:
                     break
                 if stage == 0:
-                    first = self._fast(texts, help_at, harm_at, budgets)
-                    if first is None:
+                    if lazy:
+                        await self._lazy_refusal(chat, texts, questions, help_at, bound, timings)
+                    if self._fast(texts, help_at, harm_at, budgets) is None:
                         path = "full"
                         continue
                     path = "fast"
@@ -305,6 +330,15 @@ class SafetyGame:
             "max_tokens": cfg.max_tokens,
             "stop": list(cfg.stop),
         }
+        # How the refusal's helpfulness was had: read, 0.5 by definition for a relative
+        # scorer (no read), or not read under sampling.refusal_helpfulness: lazy.
+        extra["refusal_helpfulness"] = (
+            "reference"
+            if self.helpfulness.relative
+            else f"not read, counted as {bound:g}"
+            if help_at[REFUSAL_INDEX].method == UNREAD
+            else "read"
+        )
 
         errors = [
             f"candidate {i} {probe}: {s.error}"
@@ -364,7 +398,7 @@ class SafetyGame:
             CandidateRecord(
                 text=texts[i],
                 is_refusal=i == REFUSAL_INDEX,
-                helpfulness=float(h[i]),
+                helpfulness=_recorded(help_scores[i], float(h[i])),
                 harm={n: float(d[k, i]) for k, n in enumerate(names)},
                 margin=float(mg.M[i]),
                 extra_risk={n: float(np.atleast_2d(mg.Delta)[k, i]) for k, n in enumerate(names)},
@@ -422,6 +456,28 @@ class SafetyGame:
         )
         return mg, result
 
+    async def _lazy_refusal(
+        self,
+        chat: tuple[Message, ...],
+        texts: list[str],
+        questions: dict[str, str],
+        help_at: dict[int, Score],
+        bound: float,
+        timings: dict[str, float],
+    ) -> None:
+        """``refusal_helpfulness: lazy`` after the first draw: read the refusal's helpfulness
+        only where it can decide the fast path, a first candidate that reaches the threshold
+        but not above ``bound``; elsewhere it counts as ``bound`` (the full path reads it)."""
+        h1 = help_at[1]
+        threshold = self.policy.sampling.fast_path_helpfulness
+        if h1.ok and threshold <= float(h1.value or 0.0) <= bound:
+            t = time.perf_counter()
+            hs, _ = await self._score_all(chat, texts, questions, [REFUSAL_INDEX], [])
+            help_at |= hs
+            timings["score_s"] += time.perf_counter() - t
+        else:
+            help_at[REFUSAL_INDEX] = Score(bound, method=UNREAD)
+
     def _fast(
         self,
         texts: list[str],
@@ -450,11 +506,13 @@ class SafetyGame:
         chat: tuple[Message, ...],
         texts: list[str],
         questions: dict[str, str],
-        only: Sequence[int] | None = None,
+        help_for: Sequence[int],
+        harm_for: Sequence[int],
         slots: Sequence[int | None] = (),
-    ) -> tuple[list[Score], dict[str, list[Score]]]:
-        """Every read of the replies ``only`` (indices into ``texts``; by default all), as
-        (helpfulness scores, {risk row: harm scores}) in the order of ``only``.
+    ) -> tuple[dict[int, Score], dict[str, dict[int, Score]]]:
+        """The helpfulness reads of the replies ``help_for`` and every harm question's reads of
+        ``harm_for`` (indices into ``texts``), as ({index: helpfulness}, {risk row: {index:
+        harm}}).
 
         ``sampling.probe_order: parallel`` starts every read at once, probe by probe (every
         reply's helpfulness, then every reply's first harm question, ...), so the first ones in
@@ -471,14 +529,19 @@ class SafetyGame:
         help_q = self.policy.probes.helpfulness.question
         refusal = texts[REFUSAL_INDEX]
         probes = [(self.helpfulness, help_q)] + [(self.harm, q) for q in questions.values()]
-        wanted = list(range(len(texts))) if only is None else list(only)
+        # probe k of reply i is read when (i, k) is wanted; k = 0 is helpfulness
+        wanted = [(i, 0) for i in help_for] + [
+            (i, k) for k in range(1, len(probes)) for i in harm_for
+        ]
+        replies = list(dict.fromkeys(i for i, _ in wanted))
 
         def slot_of(i: int) -> int | None:
             return slots[i] if i < len(slots) else None
 
-        async def one(i: int, scorer: Scorer, question: str, pin: int | None = None) -> Score:
+        async def one(i: int, k: int, pin: int | None = None) -> Score:
             """One read; ``pin`` sends it to that slot, else a followup read goes back to the
             slot that generated the reply."""
+            scorer, question = probes[k]
             slot = pin if pin is not None else slot_of(i) if scorer.continues_chat else None
             if slot is not None:
                 PREFIX_SLOT.set(slot)  # this task's context only (gather copies it)
@@ -486,23 +549,22 @@ class SafetyGame:
             return await read(scorer, chat, texts[i], question, refusal)
 
         if self.policy.sampling.probe_order == "by_reply":
+            todo = set(wanted)
 
             async def chain(i: int, pin: int | None) -> list[Score]:
-                return [await one(i, scorer, q, pin) for scorer, q in probes]
+                return [await one(i, k, pin) for k in range(len(probes)) if (i, k) in todo]
 
-            got = await self._by_reply(wanted, slot_of, chain)
+            chains = await self._by_reply(replies, slot_of, chain)
+            ks = {i: [k for k in range(len(probes)) if (i, k) in todo] for i in replies}
+            got = {(i, k): sc for i in replies for k, sc in zip(ks[i], chains[i], strict=True)}
         else:
             # Sampled replies first, the refusal last: with a followup scorer each reply's
             # probes should reach the slot that generated it before the refusal's takes a slot.
-            order = [i for i in wanted if i != REFUSAL_INDEX] + [
-                i for i in wanted if i == REFUSAL_INDEX
-            ]
-            reads = [(i, k) for k in range(len(probes)) for i in order]
-            flat = await asyncio.gather(*(one(i, *probes[k]) for i, k in reads))
-            by = dict(zip(reads, flat, strict=True))
-            got = {i: [by[(i, k)] for k in range(len(probes))] for i in wanted}
-        harm = {name: [got[i][k + 1] for i in wanted] for k, name in enumerate(questions)}
-        return [got[i][0] for i in wanted], harm
+            reads = sorted(wanted, key=lambda ik: (ik[1], ik[0] == REFUSAL_INDEX))
+            flat = await asyncio.gather(*(one(i, k) for i, k in reads))
+            got = dict(zip(reads, flat, strict=True))
+        harm = {name: {i: got[(i, k + 1)] for i in harm_for} for k, name in enumerate(questions)}
+        return {i: got[(i, 0)] for i in help_for}, harm
 
     @staticmethod
     async def _by_reply(
@@ -567,7 +629,7 @@ class SafetyGame:
             CandidateRecord(
                 text=text,
                 is_refusal=i == REFUSAL_INDEX,
-                helpfulness=help_scores[i].value if help_scores else None,
+                helpfulness=_recorded(help_scores[i]) if help_scores else None,
                 harm={n: row[i].value for n, row in (harm_scores or {}).items()},
                 margin=None,
                 extra_risk={},

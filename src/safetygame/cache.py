@@ -12,6 +12,7 @@ readings and texts but none of the prompts they answered.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import json
@@ -19,13 +20,14 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 from safetygame.errors import ConfigError
 
 _KEY = re.compile(r"[0-9a-f]{64}")
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
@@ -75,6 +77,32 @@ class ScoreCache:
         #: with ``track``: the keys this object found or stored (what a run read; see
         #: ``export_jsonl(keys=...)``). Off by default: a long-lived gateway would only grow it.
         self.used: set[str] | None = set() if track else None
+        # reads of one key in flight, per event loop (see once())
+        self._inflight: dict[tuple[int, str], list[Any]] = {}  # [task, waiting callers]
+
+    async def once(self, key: str, compute: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """``compute()`` once for concurrent callers of one ``key`` (in one event loop):
+        (its result, whether this caller shared another's computation). A decision whose
+        candidates repeat a text (a model's stock refusal) then asks the model once, and the
+        run stays reproducible from the cache: two concurrent calls would read slightly
+        different values (the server's numerics depend on its batch) and store only one.
+        A cancelled caller leaves the computation running for the others; when every
+        caller is cancelled, it is cancelled too."""
+        slot = (id(asyncio.get_running_loop()), key)
+        entry = self._inflight.get(slot)
+        shared = entry is not None
+        if entry is None:
+            entry = [asyncio.ensure_future(compute()), 0]
+            self._inflight[slot] = entry
+            entry[0].add_done_callback(lambda _: self._inflight.pop(slot, None))
+        task = entry[0]
+        entry[1] += 1
+        try:
+            return await asyncio.shield(task), shared
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and not task.done():  # every caller gave up (timeouts)
+                task.cancel()
 
     def get(self, key: str) -> Any | None:
         with self._lock:

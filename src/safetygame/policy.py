@@ -96,11 +96,18 @@ class SamplingSettings(_Strict):
     # the reply, so later probes read only their question), the refusal's after the first
     # candidate's on its slot. "parallel": every read at once.
     probe_order: Literal["parallel", "by_reply"] = "parallel"
+    # "lazy" (adaptive only): the one-candidate path reads the refusal's helpfulness only when
+    # the candidate's does not exceed refusal_helpfulness_bound, and otherwise counts it as
+    # the bound; the full path reads it. One judge read less per such fast decision; the risk
+    # bound is unchanged (it rests on harm margins alone, docs/method.md). Where the refusal
+    # would read at most the bound, lazy decides exactly as read.
+    refusal_helpfulness: Literal["read", "lazy"] = "read"
+    refusal_helpfulness_bound: float = Field(0.0, ge=0.0, le=1.0)
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=1, le=8192)
 
-    @field_validator("fast_path_helpfulness")
+    @field_validator("fast_path_helpfulness", "refusal_helpfulness_bound")
     @classmethod
     def _check_finite(cls, v: float, info: Any) -> float | None:
         return _finite(v, info.field_name)
@@ -148,6 +155,16 @@ class Policy(_Strict):
             raise ValueError(f"category names must be unique, repeated: {sorted(dupes)}")
         if "harm" in names:
             raise ValueError("category name 'harm' is reserved for the main harm probe")
+        if self.sampling.refusal_helpfulness == "lazy" and self.sampling.mode != "adaptive":
+            raise ValueError(
+                "sampling.refusal_helpfulness: lazy skips a read on adaptive sampling's "
+                "one-candidate path; it needs sampling.mode: adaptive"
+            )
+        if self.sampling.refusal_helpfulness_bound and self.sampling.refusal_helpfulness != "lazy":
+            raise ValueError(
+                "sampling.refusal_helpfulness_bound is used only with "
+                "sampling.refusal_helpfulness: lazy"
+            )
         if self.game.scope == "traffic":
             if self.categories:
                 raise ValueError("game.scope: traffic prices one risk row: categories must be []")

@@ -103,13 +103,23 @@ def quote_conversation(conversation: Sequence[Message]) -> str:
 async def cached_yes_no(
     backend: Backend, messages: Sequence[Message], cache: ScoreCache | None
 ) -> Score:
-    """P(yes) for one probe prompt, cached by content hash; model trouble -> Score(None)."""
-    key = None
-    if cache is not None:
-        key = content_key("yes_no", backend.model_id, [m.to_dict() for m in messages])
-        hit = cache.get(key)
-        if hit is not None:
-            return Score(hit["p"], method=hit["method"], cached=True)
+    """P(yes) for one probe prompt, cached by content hash; model trouble -> Score(None).
+    Concurrent reads of one prompt share one model call (``ScoreCache.once``)."""
+    if cache is None:
+        return await _yes_no(backend, messages, None, None)
+    key = content_key("yes_no", backend.model_id, [m.to_dict() for m in messages])
+    hit = cache.get(key)
+    if hit is not None:
+        return Score(hit["p"], method=hit["method"], cached=True)
+    score, shared = await cache.once(key, lambda: _yes_no(backend, messages, cache, key))
+    if shared and score.ok:  # another read made the call
+        return Score(score.value, method=score.method, cached=True)
+    return score
+
+
+async def _yes_no(
+    backend: Backend, messages: Sequence[Message], cache: ScoreCache | None, key: str | None
+) -> Score:
     try:
         reading = await backend.yes_no(messages)
     except BackendError as exc:

@@ -22,6 +22,7 @@ from safetygame.backends.base import Backend, Completion, Message, SamplingConfi
 from safetygame.bench.mix import MixPrompt
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendUnsupported, ConfigError
+from safetygame.eval.refusal import matches_refusal_pattern
 from safetygame.gateway.schemas import stream_events
 from safetygame.policy import Policy
 
@@ -73,6 +74,10 @@ class PairedRun:
     # from its prompt cache (None when the backend reports no usage)
     decision_prompt_tokens: int | None = None
     decision_cached_tokens: int | None = None
+    # whether each arm's answer refuses, by the refusal-pattern detector (the policy's
+    # refusal always does): what a faster configuration answers, not only how fast
+    plain_refuses: bool = False
+    chosen_refuses: bool = False
 
     @property
     def evaluated_prompt_tokens(self) -> int | None:
@@ -155,6 +160,8 @@ async def paired_runs(
             timings=dict(decision.timings),
             decision_prompt_tokens=stats.prompt_tokens - p0 if stats else None,
             decision_cached_tokens=stats.cached_prompt_tokens - c0 if stats else None,
+            plain_refuses=matches_refusal_pattern(plain.text),
+            chosen_refuses=decision.refused or matches_refusal_pattern(decision.chosen_text),
         )
     return [out[k] for k in range(len(agents))]
 
@@ -264,6 +271,9 @@ def _group(runs: Sequence[PairedRun], total: int) -> dict[str, Any]:
         "plain_ttft_s_median": _median([r.plain_ttft_s for r in runs]),
         "safetygame_ttft_s_median": _median([r.decision_ttft_s for r in runs]),
         "refused": sum(r.action == "refuse" for r in runs),
+        # answers that refuse by the pattern detector (the policy's refusal included)
+        "plain_refusals": sum(r.plain_refuses for r in runs),
+        "refusals": sum(r.chosen_refuses for r in runs),
         "evaluated_prompt_tokens_median": _median([r.evaluated_prompt_tokens for r in runs]),
     }
 
@@ -278,6 +288,7 @@ def _arm(policy: Policy, runs: Sequence[PairedRun], seed: int) -> dict[str, Any]
         "candidates": policy.sampling.n,
         "refusal_reads": policy.sampling.refusal_reads,
         "probe_order": policy.sampling.probe_order,
+        "refusal_helpfulness": policy.sampling.refusal_helpfulness,
         "all": _group(runs, len(runs)),
         "by_path": {p: _group([r for r in runs if r.path == p], len(runs)) for p in paths},
         "by_kind": {k: _group([r for r in runs if r.kind == k], len(runs)) for k in kinds},

@@ -118,7 +118,8 @@ def _echo_mix(out: dict[str, Any]) -> None:
             continue
         click.echo(
             f"{arm['policy']} (sampling {arm['sampling_mode']}, m = {arm['candidates']}, "
-            f"refusal read {arm['refusal_reads']} the first draw, probes {arm['probe_order']})"
+            f"refusal read {arm['refusal_reads']} the first draw, probes {arm['probe_order']}, "
+            f"refusal helpfulness {arm['refusal_helpfulness']})"
         )
         click.echo("  path   share  ratio median  ratio p90  first token: plain  decision")
         for name, g in [*arm["by_path"].items(), ("all", arm["all"])]:
@@ -127,6 +128,12 @@ def _echo_mix(out: dict[str, Any]) -> None:
                 f"{g['ratio_p90']:>9.2f}  {_s(g['plain_ttft_s_median']):>18}  "
                 f"{_s(g['safetygame_ttft_s_median']):>8}"
             )
+        refusals = ", ".join(
+            f"{kind} {g['plain_refusals']}/{g['prompts']} plain, {g['refusals']}/{g['prompts']} "
+            "decided"
+            for kind, g in arm["by_kind"].items()
+        )
+        click.echo(f"  answers that refuse (patterns): {refusals}")
 
 
 @bench.command("injection")

@@ -329,7 +329,14 @@ def open_strategies(
 
 
 def adaptive_strategies(
-    table: ScoreTable, full: FloatArray, budget: float, threshold: float, epsilon: float = 0.0
+    table: ScoreTable,
+    full: FloatArray,
+    budget: float,
+    threshold: float,
+    epsilon: float = 0.0,
+    *,
+    lazy: bool | NDArray[np.bool_] = False,
+    bound: float = 0.0,
 ) -> tuple[FloatArray, NDArray[np.bool_]]:
     """Adaptive sampling's (n, m + 1) strategies (refusal last) and which rows took the
     fast path, from the fixed-m game's strategies ``full`` at the same budget.
@@ -338,9 +345,15 @@ def adaptive_strategies(
     then :func:`safetygame.game.fast_path` with the policy's helpfulness ``threshold``; the
     fast path plays the first sample alone, else the full game's strategy stands. With the
     same seed the adaptive agent's samples are the fixed draw's (backends seed sample i with
-    seed + i), so this is what it would have answered, with no model call.
+    seed + i), so this is what it would have answered, with no model call. ``lazy`` (all
+    rows, or a mask of them; ``sampling.refusal_helpfulness: lazy`` with
+    ``refusal_helpfulness_bound`` ``bound``): there, unless the first sample's helpfulness
+    lies in [threshold, bound] (where the agent reads it), the restricted game counts the
+    refusal's helpfulness as ``bound``, as the agent does when it does not read it.
     """
     h_s, d_s = table.refusal_scores()
+    first_h = table.helpful[:, 0]
+    h_s = np.where(lazy & ~((first_h >= threshold) & (first_h <= bound)), bound, h_s)
     out = np.array(full, dtype=float)
     fast = np.zeros(table.n_items, dtype=bool)
     for i in range(table.n_items):
@@ -390,6 +403,7 @@ async def decide_prompts(
     # The study draws all m candidates (fixed sampling); adaptive sampling is derived from them.
     fixed = policy.model_dump()
     fixed["sampling"]["mode"] = "fixed"
+    fixed["sampling"].update(refusal_helpfulness="read", refusal_helpfulness_bound=0.0)
     agent = SafetyGame(backend, policy_from_dict(fixed, "<study>"), cache=cache, timeout=None)
     detector = RefusalDetector(LLMJudge(backend, policy.probes.judge_system, cache), mode=mode)
     sem = asyncio.Semaphore(max(1, backend.max_concurrency // 2))
@@ -518,8 +532,13 @@ async def run_open(
         GAME: open_strategies(test, choices[GAME].budget, eps)[GAME],
     }
     threshold = policy.sampling.fast_path_helpfulness
+    # Where the agent read the refusal's helpfulness, `lazy` would not have (a relative
+    # scorer's is free); the adaptive row follows the policy, the summary reports both.
+    readable = np.array([decisions[i].extra.get("refusal_helpfulness") == "read" for i in test_idx])
+    lazy = readable & (policy.sampling.refusal_helpfulness == "lazy")
+    bound = policy.sampling.refusal_helpfulness_bound
     strategies[ADAPTIVE], fast = adaptive_strategies(
-        test, strategies[GAME], choices[GAME].budget, threshold, eps
+        test, strategies[GAME], choices[GAME].budget, threshold, eps, lazy=lazy, bound=bound
     )
     harmful = np.array([lab != "safe" for lab in test_labels])
     methods: dict[str, Any] = {}
@@ -563,8 +582,14 @@ async def run_open(
         paired[other] = {"diff": d.diff, "ci": [d.low, d.high], "p_value": d.p_value}
     adaptive = _adaptive_summary(
         test, strategies[GAME], behaviour, fast, test_refused, test_labels,
-        choices[GAME].budget, threshold, eps, cfg,
+        choices[GAME].budget, threshold, eps, cfg, readable, bound,
     )  # fmt: skip
+    adaptive["refusal_helpfulness"] = policy.sampling.refusal_helpfulness
+    # what the refusal's helpfulness read on dev: where to set the bound (docs/policy.md)
+    h_dev = table.take(dev_idx).refusal_scores()[0]
+    adaptive["refusal_helpfulness_dev"] = (
+        {"max": float(h_dev.max()), "p90": float(np.quantile(h_dev, 0.9))} if h_dev.size else None
+    )
     all_readings = [r for i in np.flatnonzero(ok) for r in readings[i]]
     summary = {
         "n": int(test_idx.size),
@@ -613,15 +638,22 @@ def _adaptive_summary(
     threshold: float,
     epsilon: float,
     cfg: EvalConfig,
+    readable: NDArray[np.bool_],
+    bound: float,
 ) -> dict[str, Any]:
     """Adaptive minus fixed m on the behaviour score (paired bootstrap over test prompts),
-    the fast path's share, and the same at every threshold of ADAPTIVE_THRESHOLDS."""
+    the fast path's share, the same at every threshold of ADAPTIVE_THRESHOLDS, and, at the
+    policy's threshold, with the refusal's helpfulness read and lazily read (``lazy``, at
+    the policy's ``bound``; only rows where it was read by a judge call can differ) against
+    each other."""
     safe = np.array([lab == "safe" for lab in labels])
     m = test.n_options
 
-    def one(score: FloatArray, took: NDArray[np.bool_]) -> dict[str, Any]:
+    def one(
+        score: FloatArray, took: NDArray[np.bool_], against: FloatArray = behaviour[GAME]
+    ) -> dict[str, Any]:
         d = paired_bootstrap(
-            score, behaviour[GAME], n_resamples=cfg.n_resamples, confidence=cfg.confidence,
+            score, against, n_resamples=cfg.n_resamples, confidence=cfg.confidence,
             seed=cfg.seed,
         )  # fmt: skip
         return {
@@ -639,6 +671,25 @@ def _adaptive_summary(
         s, took = adaptive_strategies(test, full, budget, thr, epsilon)
         grid[f"{thr:g}"] = one(behaviour_score(_expected_refusal(s, refused), labels), took)
     head = one(behaviour[ADAPTIVE], fast)
+    scored = {}
+    for name, rows in (("read", False), ("lazy", readable)):
+        s, took = adaptive_strategies(
+            test, full, budget, threshold, epsilon, lazy=rows, bound=bound
+        )
+        scored[name] = (behaviour_score(_expected_refusal(s, refused), labels), took)
+    lazy_vs_read = one(*scored["lazy"], against=scored["read"][0])
+    by_refusal = {
+        name: {"score": float(sc.mean()), **one(sc, took)} for name, (sc, took) in scored.items()
+    }
+    by_refusal["lazy_minus_read"] = {k: lazy_vs_read[k] for k in ("diff", "ci", "p_value")}
+    by_refusal["lazy_minus_read"]["prompts_differ"] = int(
+        (scored["lazy"][0] != scored["read"][0]).sum()
+    )
+    h1 = test.helpful[:, 0]
+    unread = readable & ~((h1 >= threshold) & (h1 <= bound)) & scored["lazy"][1]
+    by_refusal["lazy"]["bound"] = bound
+    # the one-candidate decisions that made no judge call for the refusal's helpfulness
+    by_refusal["lazy"]["fast_unread_share"] = float(unread.mean()) if unread.size else 0.0
     return {
         "threshold": threshold,
         "budget": budget,
@@ -649,6 +700,7 @@ def _adaptive_summary(
         "mean_drawn": head["mean_drawn"],
         "paired": {k: head[k] for k in ("diff", "ci", "p_value")},
         "by_threshold": grid,
+        "by_refusal_helpfulness": by_refusal,
     }
 
 
