@@ -28,7 +28,7 @@ from safetygame.backends.base import (
 )
 from safetygame.cache import ScoreCache
 from safetygame.errors import BackendError, BackendUnsupported, ConfigError
-from safetygame.features import FeatureReader, review_messages
+from safetygame.features import FeatureReader, Reading, review_messages
 from safetygame.heads import (
     HEADS_DIR,
     FeatureSpec,
@@ -272,6 +272,24 @@ def test_feature_reader_caches_both_poolings() -> None:
 
     last0, mean0, cached = asyncio.run(go())
     assert (last0, mean0, cached) == (3.0, 1.5, True) and backend.reads == 1
+
+
+def test_concurrent_reads_of_one_reply_share_one_hidden_state_call() -> None:
+    backend, cache = HiddenDouble(), ScoreCache(None)
+    conv = (Message("user", "q"),)
+
+    async def go() -> list[Reading]:
+        return list(
+            await asyncio.gather(
+                FeatureReader(backend, "last", cache).read(conv, "Mix bleach"),
+                FeatureReader(backend, "mean", cache).read(conv, "Mix bleach"),
+            )
+        )
+
+    last, mean = asyncio.run(go())
+    assert backend.reads == 1  # one call, each reader its own pooling
+    assert (float(last.vector[0]), float(mean.vector[0])) == (3.0, 1.5)
+    assert (last.cached, mean.cached) == (False, True)
 
 
 def test_review_prompt_is_quoted_and_cut() -> None:

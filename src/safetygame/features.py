@@ -110,19 +110,28 @@ class FeatureReader:
         )
 
     async def read(self, conversation: Sequence[Message], reply: str) -> Reading:
-        """Raises BackendError (or BackendUnsupported) when the backend cannot give them."""
+        """Raises BackendError (or BackendUnsupported) when the backend cannot give them.
+        Concurrent reads of one reply, in either pooling, share one model call
+        (``ScoreCache.once``): the cache entry holds every pooling."""
         key = self.key(conversation, reply)
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if isinstance(hit, dict) and self.pooling in hit:
-                return Reading(_unpack(hit[self.pooling]), int(hit.get("n_tokens", 0)), True)
+        if self.cache is None:
+            return self._pooled(await self._fresh(conversation, reply, key), False)
+        hit = self.cache.get(key)
+        if isinstance(hit, dict) and self.pooling in hit:
+            return Reading(_unpack(hit[self.pooling]), int(hit.get("n_tokens", 0)), True)
+        states, shared = await self.cache.once(key, lambda: self._fresh(conversation, reply, key))
+        return self._pooled(states, shared)
+
+    async def _fresh(self, conversation: Sequence[Message], reply: str, key: str) -> HiddenStates:
         states: HiddenStates = await self.backend.hidden(review_messages(conversation, reply))
-        vec = states.get(self.pooling)
         if self.cache is not None:
             value = {k: _pack(v) for k, v in states.vectors.items()}
             self.cache.put(key, "hidden", {**value, "n_tokens": states.n_tokens})
+        return states
+
+    def _pooled(self, states: HiddenStates, cached: bool) -> Reading:
         # what the cache would give back, so a cold and a warm read are the same numbers
-        return Reading(_unpack(_pack(vec)), states.n_tokens, False)
+        return Reading(_unpack(_pack(states.get(self.pooling))), states.n_tokens, cached)
 
     async def matrix(
         self,
