@@ -207,3 +207,12 @@ def test_once_shares_one_computation_and_cancels_it_when_every_caller_leaves() -
 
     asyncio.run(abandon())
     assert finished == ["done"]
+
+    async def leave_and_return() -> tuple[str, bool]:
+        first = asyncio.ensure_future(cache.once("h", slow))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.sleep(0)  # the abandoned computation is being cancelled
+        return await cache.once("h", slow)  # a new caller starts afresh, not on the cancelled one
+
+    assert asyncio.run(leave_and_return()) == ("late", False)

@@ -18,6 +18,7 @@ from safetygame.game import (
     choose,
     fast_path,
     margins,
+    reads_refusal_helpfulness,
     solve,
     solve_batch,
     solve_pooled,
@@ -663,6 +664,13 @@ def test_fast_path_only_when_the_restricted_game_answers_alone(
     ok = fast_path(r1, 1, float(h[1]), thr, epsilon=eps)
     alone = r1.strategy[1] == 1.0 and d[1] - d[0] + 2 * eps <= T
     assert ok == (alone and h[1] >= thr)
+
+
+def test_lazy_reads_the_refusal_only_between_the_threshold_and_the_bound() -> None:
+    got = reads_refusal_helpfulness([0.4, 0.5, 0.6, 0.65, 0.7], threshold=0.5, bound=0.65)
+    assert got.tolist() == [False, True, True, True, False]
+    assert not reads_refusal_helpfulness(0.9, 0.5, 0.0)  # bound 0: never read
+    assert not reads_refusal_helpfulness([0.3, 0.6], 0.7, 0.65).any()  # bound below threshold
 
 
 def test_fast_path_declines_below_threshold_mix_and_hinge_overrun() -> None:

@@ -470,7 +470,7 @@ class SafetyGame:
         but not above ``bound``; elsewhere it counts as ``bound`` (the full path reads it)."""
         h1 = help_at[1]
         threshold = self.policy.sampling.fast_path_helpfulness
-        if h1.ok and threshold <= float(h1.value or 0.0) <= bound:
+        if h1.value is not None and game.reads_refusal_helpfulness(h1.value, threshold, bound):
             t = time.perf_counter()
             hs, _ = await self._score_all(chat, texts, questions, [REFUSAL_INDEX], [])
             help_at |= hs

@@ -21,13 +21,22 @@ import re
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 from safetygame.errors import ConfigError
 
 _KEY = re.compile(r"[0-9a-f]{64}")
-T = TypeVar("T")
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Flight:
+    """One computation in flight for :meth:`ScoreCache.once` and how many callers wait."""
+
+    task: asyncio.Future[Any]
+    waiting: int = 0
 
 
 def cache_dir() -> Path:
@@ -78,9 +87,9 @@ class ScoreCache:
         #: ``export_jsonl(keys=...)``). Off by default: a long-lived gateway would only grow it.
         self.used: set[str] | None = set() if track else None
         # reads of one key in flight, per event loop (see once())
-        self._inflight: dict[tuple[int, str], list[Any]] = {}  # [task, waiting callers]
+        self._inflight: dict[tuple[int, str], _Flight] = {}
 
-    async def once(self, key: str, compute: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+    async def once(self, key: str, compute: Callable[[], Awaitable[_T]]) -> tuple[_T, bool]:
         """``compute()`` once for concurrent callers of one ``key`` (in one event loop):
         (its result, whether this caller shared another's computation). A decision whose
         candidates repeat a text (a model's stock refusal) then asks the model once, and the
@@ -89,20 +98,25 @@ class ScoreCache:
         A cancelled caller leaves the computation running for the others; when every
         caller is cancelled, it is cancelled too."""
         slot = (id(asyncio.get_running_loop()), key)
-        entry = self._inflight.get(slot)
-        shared = entry is not None
-        if entry is None:
-            entry = [asyncio.ensure_future(compute()), 0]
-            self._inflight[slot] = entry
-            entry[0].add_done_callback(lambda _: self._inflight.pop(slot, None))
-        task = entry[0]
-        entry[1] += 1
+        found = self._inflight.get(slot)
+        flight = found if found is not None else _Flight(asyncio.ensure_future(compute()))
+        if found is None:
+            self._inflight[slot] = flight
+            flight.task.add_done_callback(lambda _: self._land(slot, flight))
+        flight.waiting += 1
         try:
-            return await asyncio.shield(task), shared
+            result: _T = await asyncio.shield(flight.task)
+            return result, found is not None
         finally:
-            entry[1] -= 1
-            if entry[1] == 0 and not task.done():  # every caller gave up (timeouts)
-                task.cancel()
+            flight.waiting -= 1
+            if flight.waiting == 0 and not flight.task.done():  # every caller gave up
+                flight.task.cancel()
+                self._land(slot, flight)  # a caller arriving now starts afresh
+
+    def _land(self, slot: tuple[int, str], flight: _Flight) -> None:
+        """Forget ``flight`` unless a newer one already holds its slot."""
+        if self._inflight.get(slot) is flight:
+            del self._inflight[slot]
 
     def get(self, key: str) -> Any | None:
         with self._lock:

@@ -352,8 +352,8 @@ def adaptive_strategies(
     refusal's helpfulness as ``bound``, as the agent does when it does not read it.
     """
     h_s, d_s = table.refusal_scores()
-    first_h = table.helpful[:, 0]
-    h_s = np.where(lazy & ~((first_h >= threshold) & (first_h <= bound)), bound, h_s)
+    read = game.reads_refusal_helpfulness(table.helpful[:, 0], threshold, bound)
+    h_s = np.where(lazy & ~read, bound, h_s)
     out = np.array(full, dtype=float)
     fast = np.zeros(table.n_items, dtype=bool)
     for i in range(table.n_items):
@@ -685,8 +685,8 @@ def _adaptive_summary(
     by_refusal["lazy_minus_read"]["prompts_differ"] = int(
         (scored["lazy"][0] != scored["read"][0]).sum()
     )
-    h1 = test.helpful[:, 0]
-    unread = readable & ~((h1 >= threshold) & (h1 <= bound)) & scored["lazy"][1]
+    read = game.reads_refusal_helpfulness(test.helpful[:, 0], threshold, bound)
+    unread = readable & ~read & scored["lazy"][1]
     by_refusal["lazy"]["bound"] = bound
     # the one-candidate decisions that made no judge call for the refusal's helpfulness
     by_refusal["lazy"]["fast_unread_share"] = float(unread.mean()) if unread.size else 0.0

@@ -17,7 +17,8 @@ The package is split by solver family: ``_validation`` (input checks), ``_core``
 (margins, results and the re-check), ``_exact`` (hull solvers), ``_highs`` (the HiGHS
 reference), ``_solve`` (the one-prompt dispatcher and :func:`choose`), ``_batch``
 (:func:`solve_batch`), ``_pooled`` (:func:`solve_pooled`) and ``_deploy`` (the adaptive
-fast path :func:`fast_path`; the traffic price :func:`calibrate_price`, :func:`best_response`).
+fast path :func:`fast_path` and :func:`reads_refusal_helpfulness`; the traffic price
+:func:`calibrate_price`, :func:`best_response`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from __future__ import annotations
 from safetygame.game._batch import BatchResult, solve_batch
 from safetygame.game._core import FEAS_TOL as FEAS_TOL
 from safetygame.game._core import GameResult, Margins, Status, margins
-from safetygame.game._deploy import PriceCalibration, best_response, calibrate_price, fast_path
+from safetygame.game._deploy import (
+    PriceCalibration,
+    best_response,
+    calibrate_price,
+    fast_path,
+    reads_refusal_helpfulness,
+)
 from safetygame.game._pooled import PooledResult, solve_pooled
 from safetygame.game._solve import Method as Method
 from safetygame.game._solve import choose, solve
@@ -43,6 +50,7 @@ __all__ = [
     "choose",
     "fast_path",
     "margins",
+    "reads_refusal_helpfulness",
     "solve",
     "solve_batch",
     "solve_pooled",

@@ -3,6 +3,8 @@
 - :func:`fast_path`: after a game restricted to {refusal, one candidate}, may the agent
   answer with that candidate without drawing the others? Only when the candidate alone is
   within every budget in the worst case, so the per-prompt guarantee holds on both paths.
+  :func:`reads_refusal_helpfulness`: with the refusal's helpfulness read lazily, whether
+  that check needs it read.
 - :func:`best_response` and :func:`calibrate_price`: the traffic-level budget. A price of
   risk lambda is calibrated once on a dev set with the pooled game (:func:`solve_pooled`);
   each prompt then plays argmax_i M_i - lambda (Delta_i + 2 eps) in O(m).
@@ -15,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from numpy.typing import ArrayLike
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from safetygame.game._core import FEAS_TOL, GameResult, Margins, Status
 from safetygame.game._pooled import solve_pooled
@@ -60,6 +63,19 @@ def fast_path(
         return False
     worst = mg.Delta2d[:, c] + shift
     return bool((worst <= result.budget).all()) and h >= thr
+
+
+def reads_refusal_helpfulness(
+    helpfulness: ArrayLike, threshold: float, bound: float
+) -> NDArray[np.bool_]:
+    """``sampling.refusal_helpfulness: lazy``: whether the fast-path check must read the
+    refusal's helpfulness, elementwise over first-candidate ``helpfulness`` readings. Only
+    inside [``threshold``, ``bound``]: below the threshold the fast path is closed whatever
+    the refusal reads, and above the bound the refusal counts as the bound, unread
+    (docs/method.md, where the refusal reads at most the bound this decides as reading)."""
+    h = np.asarray(helpfulness, dtype=float)
+    out: NDArray[np.bool_] = (h >= threshold) & (h <= bound)
+    return out
 
 
 def _argmax_priced(M: list[float], Dw: list[float], s: int, price: float) -> int:
