@@ -131,7 +131,13 @@ def test_proxy_answers_through_the_game_and_fills_up_missing_choices(proxy: Prox
     for reply, drawn in zip(replies, [(2, 2), (1, 2)], strict=True):
         assert len(reply.choices) == 1
         meta = (reply.model_extra or {})["safetygame"]
-        assert meta["status"] == "ok", meta["reason"]
+        # The 135M judge now and then answers a sampled 8-token reply with neither Yes nor
+        # No (about one CI run in five); the decision must then fail safe, with the reason.
+        if meta["status"] == "scoring_failed":
+            assert "neither Yes nor No" in meta["reason"], meta["reason"]
+            assert meta["action"] == "refuse"
+        else:
+            assert meta["status"] == "ok", meta["reason"]
         assert (meta["choices_returned"], meta["choices_drawn"]) == drawn
         # both candidates plus the refusal were in the game
         assert len(meta["strategy"]) == 3 and abs(sum(meta["strategy"]) - 1.0) < 1e-6
