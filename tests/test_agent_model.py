@@ -59,6 +59,25 @@ async def test_decision_on_small_model(smollm2_backend: object) -> None:
 
 
 @pytest.mark.model
+async def test_decision_with_the_persona_contrast_scorers(smollm2_backend: object) -> None:
+    policy = SMALL.model_copy(
+        update={"scorers": SMALL.scorers.model_copy(update={"harm": "contrast",
+                                                            "helpfulness": "contrast"})}
+    )  # fmt: skip
+    agent = SafetyGame(smollm2_backend, policy, cache=ScoreCache(None))  # type: ignore[arg-type]
+    d = await agent.arespond("How do I descale a kettle?", seed=3)
+    assert d.status is Status.OK, d.reason
+    for c in d.candidates:
+        assert c.helpfulness is not None and 0.0 < c.helpfulness < 1.0
+        assert c.harm["harm"] is not None and 0.0 < c.harm["harm"] < 1.0
+    # two forced log-likelihood reads (one per persona) per reply and probe
+    assert d.tokens["probe_calls"] == 2 * 2 * len(d.candidates)
+    d2 = await agent.arespond(list(d.messages), seed=3)
+    assert d2.tokens["probe_calls"] == 0
+    assert [c.harm for c in d2.candidates] == [c.harm for c in d.candidates]
+
+
+@pytest.mark.model
 async def test_unreachable_upstream_fails_closed() -> None:
     backend = OpenAICompatBackend("http://127.0.0.1:9/v1", max_retries=1, timeout=2.0)
     async with backend:

@@ -152,32 +152,31 @@ def test_choose_designs_uses_dev_only() -> None:
 @pytest.mark.usefixtures("benchmark_data")
 def test_eval_probes_cli_on_smollm2(tmp_path: object) -> None:
     runner = CliRunner()
-    out = runner.invoke(
-        main,
-        [
-            "eval",
-            "probes",
-            "--model",
-            "smollm2-135m",
-            "--sources",
-            "hhh-harmless,xstest",
-            "--designs",
-            "plain,pairwise",
-            "--limit",
-            "3",
-            "--cache",
-            f"{tmp_path}/c.sqlite",
-            "--json",
-        ],
-    )
+    args = ["eval", "probes", "--model", "smollm2-135m", "--sources", "hhh-harmless,xstest"]
+    args += ["--designs", "plain,pairwise,contrast", "--limit", "3", "--json"]
+    export = f"{tmp_path}/reads.jsonl.gz"
+    out = runner.invoke(main, [*args, "--cache", f"{tmp_path}/c.sqlite", "--export-reads", export])
     assert out.exit_code == 0, out.output
-    rep = json.loads(out.output)
+    assert "exported the" in out.stderr
+    rep = json.loads(out.stdout)
     cells = {(r["source"], r["probe"], r["design"]) for r in rep["results"]}
     assert ("hhh-harmless", "harm", "pairwise") in cells
+    assert ("hhh-harmless", "harm", "contrast") in cells
     assert ("xstest", "harm", "plain") in cells
     assert ("xstest", "harm", "pairwise") not in cells  # pairwise needs options
+    assert ("xstest", "harm", "contrast") not in cells  # nor does a prompt have a reply
     for r in rep["results"]:
         assert r["test"]["n_items"] + r["dev"]["n_items"] >= 1
         assert r["calls_per_reply"] >= 0
+    assert rep["model_calls"] > 0
+    # what the run read, imported into an empty cache, replays it with no model call
+    fresh = f"{tmp_path}/fresh.sqlite"
+    imported = runner.invoke(main, ["cache", "import", export, "--cache", fresh])
+    assert imported.exit_code == 0, imported.output
+    again = runner.invoke(main, [*args, "--cache", fresh])
+    assert again.exit_code == 0, again.output
+    replay = json.loads(again.stdout)
+    assert replay["model_calls"] == 0
+    assert [r["test"] for r in replay["results"]] == [r["test"] for r in rep["results"]]
     bad = runner.invoke(main, ["eval", "probes", "--designs", "nope", "--limit", "2"])
     assert bad.exit_code == 2 and "unknown design" in bad.output

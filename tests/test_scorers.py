@@ -11,15 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safetygame.backends.base import Backend, Completion, LogLik, Message, SamplingConfig, YesNo
-from safetygame.errors import ConfigError
+from safetygame.cache import ScoreCache
+from safetygame.errors import BackendUnsupported, ConfigError
+from safetygame.features import MAX_CHARS
 from safetygame.guards import GUARD_DESIGNS
 from safetygame.policy import load_policy
 from safetygame.probes import Score
 from safetygame.scorers import (
+    CONTRAST,
     DESIGNS,
     HARM_WORDINGS,
     CalibratedScorer,
     Calibrator,
+    ContrastScorer,
     MeanScorer,
     PairwiseJudge,
     PromptJudge,
@@ -299,3 +303,77 @@ def test_inverted_and_calibrated_scores_keep_their_prompt_tokens() -> None:
     s2 = asyncio.run(calibrated.score(conv, "reply", "rule"))
     assert s1.value is not None and abs(s1.value - 0.2) < 1e-12
     assert (s1.prompt_tokens, s2.prompt_tokens, s2.calls) == (42, 42, 1)
+
+
+class PersonaLoglikDouble(FixedYesNoBackend):
+    """Test double: log p(continuation) is -1 a character under the harmful persona's system
+    prompt for text containing ``favoured``, -2 a character otherwise; records each read."""
+
+    def __init__(self, favoured: str = "KNIFE", delay: float = 0.0) -> None:
+        super().__init__({})
+        self.favoured = favoured
+        self.delay = delay
+        self.reads: list[tuple[tuple[Message, ...], str]] = []
+
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        self.reads.append((tuple(messages), continuation))
+        await asyncio.sleep(self.delay)
+        harmful = messages[0].content == CONTRAST["harm"].yes
+        per_char = -1.0 if harmful == (self.favoured in continuation) else -2.0
+        return LogLik(per_char * len(continuation), len(continuation))
+
+
+def test_contrast_is_the_posterior_of_the_two_personas_and_caches_its_reads() -> None:
+    backend = PersonaLoglikDouble()
+    scorer = ContrastScorer(backend, CONTRAST["harm"], ScoreCache(None))
+    chat = [Message("system", "the client's own"), Message("user", "q" * 700)]
+    harmful = asyncio.run(scorer.score(chat, "KNIFE", "unused question"))
+    safe = asyncio.run(scorer.score(chat, "no", "unused question"))
+    # llr = (-1 - -2) * 5 characters for the favoured text; (-2 - -1) * 2 for the other
+    assert harmful.value == pytest.approx(1 / (1 + np.exp(-5.0)))
+    assert safe.value == pytest.approx(1 / (1 + np.exp(2.0)))
+    assert (harmful.calls, harmful.cached, harmful.method) == (2, False, "contrast")
+    # the persona replaces the client's system turn; turns are cut like the features' prompt
+    first_messages = backend.reads[0][0]
+    assert first_messages[0].role == "system" and first_messages[0].content in (
+        CONTRAST["harm"].yes,
+        CONTRAST["harm"].no,
+    )
+    assert [m.role for m in first_messages] == ["system", "user"]
+    assert first_messages[1].content == "q" * MAX_CHARS + " [...]"
+    again = asyncio.run(scorer.score(chat, "KNIFE", "unused question"))
+    assert (again.value, again.calls, again.cached) == (harmful.value, 0, True)
+    assert len(backend.reads) == 4
+
+
+def test_contrast_reads_of_one_reply_share_the_model_call() -> None:
+    backend = PersonaLoglikDouble(delay=0.05)
+    scorer = ContrastScorer(backend, CONTRAST["harm"], ScoreCache(None))
+    chat = [Message("user", "q")]
+
+    async def twice() -> list[Score]:
+        return await asyncio.gather(*(scorer.score(chat, "KNIFE", "q") for _ in range(2)))
+
+    a, b = asyncio.run(twice())
+    assert a.value == b.value and len(backend.reads) == 2  # one read per persona, not four
+
+
+class FailingLoglikDouble(FixedYesNoBackend):
+    def __init__(self, out: LogLik | None) -> None:
+        super().__init__({})
+        self.out = out
+
+    async def loglik(self, messages: Sequence[Message], continuation: str) -> LogLik:
+        if self.out is None:
+            raise BackendUnsupported("this server cannot force a continuation")
+        return self.out
+
+
+def test_contrast_fails_with_the_reason_instead_of_a_value() -> None:
+    chat = [Message("user", "q")]
+    down = ContrastScorer(FailingLoglikDouble(None), CONTRAST["harm"])
+    s = asyncio.run(down.score(chat, "reply", "q"))
+    assert s.value is None and s.error is not None and "cannot force" in s.error
+    nan = ContrastScorer(FailingLoglikDouble(LogLik(float("nan"), 3)), CONTRAST["helpfulness"])
+    s = asyncio.run(nan.score(chat, "reply", "q"))
+    assert s.value is None and s.error is not None and "not finite" in s.error

@@ -191,7 +191,8 @@ class LLMJudge(Scorer):
 
 
 class GeneratorLikelihood:
-    """log P(option | conversation) under the generator, cached by content hash."""
+    """log P(option | conversation) under the generator, cached by content hash. Concurrent
+    reads of one (conversation, continuation) share one model call (``ScoreCache.once``)."""
 
     def __init__(self, backend: Backend, cache: ScoreCache | None = None) -> None:
         self.backend = backend
@@ -199,14 +200,23 @@ class GeneratorLikelihood:
         self.name = f"loglik:{backend.model_id}"
 
     async def score(self, conversation: Sequence[Message], continuation: str) -> LogLik:
+        return (await self.read(conversation, continuation))[0]
+
+    async def read(self, conversation: Sequence[Message], continuation: str) -> tuple[LogLik, bool]:
+        """(the log-likelihood, whether it came without a model call of this reader's)."""
         if self.cache is None:
-            return await self.backend.loglik(conversation, continuation)
+            return await self.backend.loglik(conversation, continuation), False
+        cache = self.cache
         key = content_key(
             "loglik", self.backend.model_id, [[m.to_dict() for m in conversation], continuation]
         )
-        hit = self.cache.get(key)
+        hit = cache.get(key)
         if hit is not None:
-            return LogLik(hit["logprob"], hit["n_tokens"])
-        out = await self.backend.loglik(conversation, continuation)
-        self.cache.put(key, "loglik", {"logprob": out.logprob, "n_tokens": out.n_tokens})
-        return out
+            return LogLik(hit["logprob"], hit["n_tokens"]), True
+
+        async def compute() -> LogLik:
+            out = await self.backend.loglik(conversation, continuation)
+            cache.put(key, "loglik", {"logprob": out.logprob, "n_tokens": out.n_tokens})
+            return out
+
+        return await cache.once(key, compute)

@@ -35,6 +35,14 @@ cache_option = click.option(
     default=None,
     help="Score cache file [default: the user cache].",
 )
+export_reads_option = click.option(
+    "--export-reads",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="After the run, write every cache entry it read or made to FILE (JSON Lines, "
+    ".gz to compress): an export that replays the run with 0 model calls "
+    "(safetygame cache import FILE, then the same command).",
+)
 #: The refusal detector's modes (``safetygame.eval.refusal.Mode``; a test keeps them equal).
 REFUSAL_MODES = ("either", "both", "pattern", "probe")
 

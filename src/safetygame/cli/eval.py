@@ -14,6 +14,7 @@ from safetygame.cli._common import (
     backend_options,
     cache_option,
     clean_errors,
+    export_reads_option,
     format_table,
     json_option,
     open_backend,
@@ -178,14 +179,7 @@ def _benchmark_command(name: str) -> Callable[..., None]:
         help="Report from the score cache alone: load no model; a missing reading fails "
         "(counted in stats.model_calls).",
     )
-    @click.option(
-        "--export-reads",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="After the run, write every cache entry it read or made to FILE (JSON Lines, "
-        ".gz to compress): an export that replays the run with 0 model calls "
-        "(safetygame cache import FILE, then the same command).",
-    )
+    @export_reads_option
     @progress_option
     @json_option
     @clean_errors

@@ -14,6 +14,7 @@ from safetygame.cli._common import (
     backend_options,
     cache_option,
     clean_errors,
+    export_reads_option,
     format_table,
     json_option,
     open_backend,
@@ -124,6 +125,7 @@ def render(report: dict[str, Any]) -> str:
 @click.option("--dev-fraction", type=click.FloatRange(0.05, 0.95), default=0.4, show_default=True)
 @click.option("--shots", type=click.IntRange(0, 16), default=4, show_default=True)
 @cache_option
+@export_reads_option
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Also save the JSON here."
 )
@@ -143,6 +145,7 @@ def probes_command(
     dev_fraction: float,
     shots: int,
     cache_path: Path | None,
+    export_reads: Path | None,
     out: Path | None,
     progress: bool | None,
     as_json: bool,
@@ -160,7 +163,9 @@ def probes_command(
         raise ConfigError("--designs must name at least one design")
     check_request(design_list, source_list, limit)  # fail fast, before a model loads
     probe_list: Any = ("harm", "helpfulness") if probes == "both" else (probes,)
-    cache = ScoreCache(cache_path) if cache_path else ScoreCache()
+    if export_reads is not None:  # a folder that cannot be made fails here, not after the run
+        export_reads.parent.mkdir(parents=True, exist_ok=True)
+    cache = ScoreCache(cache_path or "default", track=export_reads is not None)
     embed = make_embed_factory(cache, seed, dev_fraction) if "embed" in design_list else None
 
     verbose = show_progress(progress, as_json)
@@ -169,26 +174,39 @@ def probes_command(
         if verbose:
             click.echo(msg, err=True)
 
+    model_calls: list[int] = []
+
     async def run() -> Any:
         async with open_backend(model, upstream, api_key) as backend:
-            return await evaluate_probes(
-                backend,
-                policy,
-                cache,
-                designs=design_list,
-                sources=source_list,
-                probes=probe_list,
-                limit=limit,
-                seed=seed,
-                dev_fraction=dev_fraction,
-                shots=shots,
-                embed=embed,
-                progress=say,
-            )
+            try:
+                return await evaluate_probes(
+                    backend,
+                    policy,
+                    cache,
+                    designs=design_list,
+                    sources=source_list,
+                    probes=probe_list,
+                    limit=limit,
+                    seed=seed,
+                    dev_fraction=dev_fraction,
+                    shots=shots,
+                    embed=embed,
+                    progress=say,
+                )
+            finally:
+                if backend.stats is not None:
+                    model_calls.append(backend.stats.calls)
 
     t0 = time.perf_counter()
-    report = to_jsonable(asyncio.run(run()))
+    try:
+        report = to_jsonable(asyncio.run(run()))
+    finally:  # also after a failed run: what it read resumes it elsewhere
+        if export_reads is not None and cache.used is not None:
+            n = cache.export_jsonl(export_reads, keys=cache.used)
+            click.echo(f"exported the {n} cache entries this run read to {export_reads}", err=True)
     report["seconds"] = time.perf_counter() - t0
+    # judge calls the run made (0 when every reading came from the cache)
+    report["model_calls"] = model_calls[0] if model_calls else None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

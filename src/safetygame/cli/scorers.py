@@ -49,6 +49,7 @@ COSTS: dict[str, str] = {
     "para3": "3 yes/no calls",
     "embed": "1 MiniLM pass (no judge call)",
     "pairwise-refusal": "2 yes/no calls (both orders vs the refusal)",
+    "contrast": "2 forced log-likelihood reads of the reply (one per persona)",
     "llama-guard-3": "1 guard call (first-token log-probabilities)",
     "shieldgemma": "4 guard calls (one per harm policy, the maximum)",
     "granite-guardian": "1 guard call (Yes/No log-probabilities)",

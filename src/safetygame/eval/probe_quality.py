@@ -694,12 +694,13 @@ def _epsilon_block(dev: Groups, test: Groups, policy: Policy) -> dict[str, Any]:
     }
 
 
-_COSTS = {"both": 2.0, "para3": 3.0, "embed": 0.0}
+_COSTS = {"both": 2.0, "para3": 3.0, "embed": 0.0, "contrast": 2.0}
 
 
 def design_cost(design: str, n_options: Sequence[int]) -> float:
-    """Yes/no prompts per reply: 1 for one wording, k for a k-wording ensemble, n - 1 for a
-    pairwise judge over n options (two orders per pair), 0 for the embedding classifier."""
+    """Model calls per reply: 1 for one wording, k for a k-wording ensemble, n - 1 for a
+    pairwise judge over n options (two orders per pair), 0 for the embedding classifier, 2
+    log-likelihood reads for the persona contrast."""
     if design == "pairwise":
         total = sum(n * (n - 1) for n in n_options)
         return total / max(sum(n_options), 1)
