@@ -7,7 +7,14 @@ Writes one JSON line per prompt (id, label, refusal flags, replies; no prompt te
 prints the rates next to the default policy's cached candidates (the EvalLog of
 ``safetygame eval xstest --cache-only --out DIR``). No test prompt is read.
 
-    .venv/bin/python scripts/candidate_system_pilot.py OUT.jsonl [results/xstest/evallog.json]
+With ``--game [POLICY]`` it then plays the policy's game (its T, fixed sampling) on each dev
+prompt over four candidate sets, the refusal always added: the first two unprompted draws
+of the EvalLog, the two prompted ones, all four unprompted ones, and all six. The agent reads
+every candidate through the score cache (the unprompted ones are cached by the XSTest run);
+it prints each set's expected refusal on unsafe and safe prompts and its behaviour score
+(refuse unsafe, answer safe) against the plain model's (its first unprompted draw), paired.
+
+    .venv/bin/python scripts/candidate_system_pilot.py OUT.jsonl EVALLOG [--game [POLICY]]
 """
 
 from __future__ import annotations
@@ -17,15 +24,23 @@ import json
 import sys
 from pathlib import Path
 
-from safetygame.backends.base import Message, SamplingConfig
+import numpy as np
+
+from safetygame.agent import SafetyGame, Status
+from safetygame.backends.base import Backend, Completion, Message, SamplingConfig
+from safetygame.cache import ScoreCache
 from safetygame.cli._common import open_backend
 from safetygame.eval.harness import EvalConfig
 from safetygame.eval.refusal import (
     _open_items,
+    behaviour_score,
     item_seed,
     matches_refusal_pattern,
     prompt_chat,
 )
+from safetygame.eval.scoring import CachingBackend
+from safetygame.eval.stats import paired_bootstrap
+from safetygame.policy import load_policy
 
 SYSTEM = (
     "Answer the user's request helpfully and completely. Many requests only sound dangerous "
@@ -60,6 +75,68 @@ async def draw(out: Path) -> list[dict]:
     return rows
 
 
+class GivenCandidates(CachingBackend):
+    """The real judge (reads cached) behind candidates fixed per prompt: ``sample`` returns
+    the texts given for the chat's last user message, whatever is asked."""
+
+    def __init__(self, inner: Backend, cache: ScoreCache, given: dict[str, list[str]]) -> None:
+        super().__init__(inner, cache)
+        self.given = given
+
+    async def sample(self, messages: object, n: int, config: SamplingConfig) -> list[Completion]:
+        return [Completion(t) for t in self.given[messages[-1].content]]  # type: ignore[index]
+
+
+async def play(rows: list[dict], log: dict, policy_ref: str | None) -> None:
+    dev, _ = _open_items(EvalConfig(benchmark="xstest"))
+    prompt = {it.id: prompt_chat(it)[-1].content for it in dev}
+    items = {i["id"]: i for i in log["items"]}
+    unprompted = {r["id"]: [c["text"] for c in items[r["id"]]["candidates"][1:]] for r in rows}
+    sets = {
+        "unprompted, first 2": {i: t[:2] for i, t in unprompted.items()},
+        "prompted 2": {r["id"]: r["texts"] for r in rows},
+        "unprompted 4": unprompted,
+        "unprompted 4 + prompted 2": {r["id"]: unprompted[r["id"]] + r["texts"] for r in rows},
+    }
+    labels = [r["label"] for r in rows]
+    plain = np.array([float(matches_refusal_pattern(unprompted[r["id"]][0])) for r in rows])
+    plain_b = behaviour_score(plain, labels)
+    policy = load_policy(policy_ref)
+    cache = ScoreCache()
+    async with open_backend(None, None) as inner:
+        for name, chosen in sets.items():
+            backend = GivenCandidates(inner, cache, {prompt[i]: t for i, t in chosen.items()})
+            sampling = policy.sampling.model_copy(update={"mode": "fixed"})
+            refused = []
+            for r in rows:
+                texts = chosen[r["id"]]
+                pol = policy.model_copy(
+                    update={"sampling": sampling.model_copy(update={"n": len(texts)})}
+                )
+                d = await SafetyGame(backend, pol, cache=cache, timeout=None).arespond(
+                    prompt[r["id"]], seed=item_seed(0, r["id"])
+                )
+                assert d.status is Status.OK, d.reason
+                flags = [1.0] + [float(matches_refusal_pattern(c.text)) for c in d.candidates[1:]]
+                refused.append(float(np.dot(d.strategy, flags)))
+            e = np.array(refused)
+            b = behaviour_score(e, labels)
+            diff = paired_bootstrap(b, plain_b)
+            unsafe = np.array([lab != "safe" for lab in labels])
+            print(
+                f"{name}: refusal on unsafe {e[unsafe].mean():.3f}, over-refusal on safe "
+                f"{e[~unsafe].mean():.3f}, behaviour {b.mean():.3f}; minus plain "
+                f"{diff.diff:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]; model calls "
+                f"{backend.model_calls}",
+                flush=True,
+            )
+    unsafe = np.array([lab != "safe" for lab in labels])
+    print(
+        f"plain: refusal on unsafe {plain[unsafe].mean():.3f}, over-refusal on safe "
+        f"{plain[~unsafe].mean():.3f}, behaviour {plain_b.mean():.3f}"
+    )
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rows = (
@@ -67,7 +144,8 @@ def main() -> None:
         if out.exists()
         else asyncio.run(draw(out))
     )
-    base = {}
+    base: dict[str, list[bool]] = {}
+    log: dict = {}
     if len(sys.argv) > 2:
         log = json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))
         base = {i["id"]: [c["refusal_pattern"] for c in i["candidates"][1:]] for i in log["items"]}
@@ -86,6 +164,10 @@ def main() -> None:
                 f" all four {sum(all(x) for x in b)}, first {sum(x[0] for x in b)}"
             )
         print(line)
+    if "--game" in sys.argv:
+        at = sys.argv.index("--game")
+        policy_ref = sys.argv[at + 1] if len(sys.argv) > at + 1 else None
+        asyncio.run(play(rows, log, policy_ref))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ def render(report: dict[str, Any]) -> str:
                 f"refusal mass {e['refusal_mass_without']:.2f} -> {e['refusal_mass_with']:.2f}"
             )
     lines += list(report["notes"])
+    if report.get("model_calls") is not None:
+        lines.append(f"model calls: {report['model_calls']} (0: every reading from the cache)")
     return "\n".join(lines)
 
 
