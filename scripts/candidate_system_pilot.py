@@ -15,6 +15,11 @@ it prints each set's expected refusal on unsafe and safe prompts and its behavio
 (refuse unsafe, answer safe) against the plain model's (its first unprompted draw), paired.
 
     .venv/bin/python scripts/candidate_system_pilot.py OUT.jsonl EVALLOG [--game [POLICY]]
+        [--export-reads FILE.jsonl.gz]
+
+``--export-reads`` writes every cache entry the game read (``safetygame cache import`` it,
+with ``resume/xstest.jsonl.gz`` and, for ``learned``, ``resume/heads.jsonl.gz``, and the
+game reruns with 0 model calls).
 """
 
 from __future__ import annotations
@@ -87,7 +92,9 @@ class GivenCandidates(CachingBackend):
         return [Completion(t) for t in self.given[messages[-1].content]]  # type: ignore[index]
 
 
-async def play(rows: list[dict], log: dict, policy_ref: str | None) -> None:
+async def play(
+    rows: list[dict], log: dict, policy_ref: str | None, export: Path | None = None
+) -> None:
     dev, _ = _open_items(EvalConfig(benchmark="xstest"))
     prompt = {it.id: prompt_chat(it)[-1].content for it in dev}
     items = {i["id"]: i for i in log["items"]}
@@ -102,7 +109,7 @@ async def play(rows: list[dict], log: dict, policy_ref: str | None) -> None:
     plain = np.array([float(matches_refusal_pattern(unprompted[r["id"]][0])) for r in rows])
     plain_b = behaviour_score(plain, labels)
     policy = load_policy(policy_ref)
-    cache = ScoreCache()
+    cache = ScoreCache(track=export is not None)
     async with open_backend(None, None) as inner:
         for name, chosen in sets.items():
             backend = GivenCandidates(inner, cache, {prompt[i]: t for i, t in chosen.items()})
@@ -135,6 +142,8 @@ async def play(rows: list[dict], log: dict, policy_ref: str | None) -> None:
         f"plain: refusal on unsafe {plain[unsafe].mean():.3f}, over-refusal on safe "
         f"{plain[~unsafe].mean():.3f}, behaviour {plain_b.mean():.3f}"
     )
+    if export is not None and cache.used is not None:
+        print(f"exported {cache.export_jsonl(export, keys=cache.used)} entries to {export}")
 
 
 def main() -> None:
@@ -164,10 +173,16 @@ def main() -> None:
                 f" all four {sum(all(x) for x in b)}, first {sum(x[0] for x in b)}"
             )
         print(line)
-    if "--game" in sys.argv:
-        at = sys.argv.index("--game")
-        policy_ref = sys.argv[at + 1] if len(sys.argv) > at + 1 else None
-        asyncio.run(play(rows, log, policy_ref))
+    args = sys.argv[3:]
+    export = None
+    if "--export-reads" in args:
+        at = args.index("--export-reads")
+        export = Path(args[at + 1])
+        del args[at : at + 2]
+    if "--game" in args:
+        at = args.index("--game")
+        policy_ref = args[at + 1] if len(args) > at + 1 else None
+        asyncio.run(play(rows, log, policy_ref, export))
 
 
 if __name__ == "__main__":
