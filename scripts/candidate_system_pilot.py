@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,10 @@ class GivenCandidates(CachingBackend):
         super().__init__(inner, cache)
         self.given = given
 
-    async def sample(self, messages: object, n: int, config: SamplingConfig) -> list[Completion]:
-        return [Completion(t) for t in self.given[messages[-1].content]]  # type: ignore[index]
+    async def sample(
+        self, messages: Sequence[Message], n: int, config: SamplingConfig
+    ) -> list[Completion]:
+        return [Completion(t) for t in self.given[messages[-1].content]]
 
 
 async def play(

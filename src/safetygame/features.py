@@ -45,6 +45,7 @@ __all__ = [
     "MiniLMEmbedder",
     "MiniLMReader",
     "cut",
+    "cut_turns",
     "embed_features",
     "reader_for",
     "review_messages",
@@ -62,9 +63,15 @@ def cut(text: str) -> str:
     return text if len(text) <= MAX_CHARS else text[:MAX_CHARS] + " [...]"
 
 
+def cut_turns(conversation: Sequence[Message]) -> list[Message]:
+    """The conversation's user and assistant turns, each :func:`cut` (system turns left out:
+    the reader brings its own)."""
+    return [Message(m.role, cut(m.content)) for m in conversation if m.role != "system"]
+
+
 def review_messages(conversation: Sequence[Message], reply: str) -> list[Message]:
     """The review prompt whose hidden states are the features (fixed by PROMPT_VERSION)."""
-    turns = [Message(m.role, cut(m.content)) for m in conversation if m.role != "system"]
+    turns = cut_turns(conversation)
     return judge_messages(None, turns, cut(reply), REVIEW_QUESTION, reminder=False)
 
 

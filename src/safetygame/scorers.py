@@ -41,6 +41,7 @@ from safetygame.features import (
     EMBED_MODEL_ID,
     MiniLMEmbedder,
     cut,
+    cut_turns,
     embed_features,
     reader_for,
 )
@@ -692,7 +693,7 @@ class ContrastScorer(Scorer):
         self.name = f"contrast:{personas.name}:{backend.model_id}"
 
     async def score(self, conversation: Sequence[Message], reply: str, question: str) -> Score:
-        turns = [Message(m.role, cut(m.content)) for m in conversation if m.role != "system"]
+        turns = cut_turns(conversation)
         text = cut(reply)
         try:
             (yes, yes_cached), (no, no_cached) = await asyncio.gather(

@@ -5,15 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
 from safetygame._json import to_jsonable
 from safetygame.backends.base import Backend
 from safetygame.errors import BackendError, ConfigError, ModelNotInstalledError, SafetygameError
+
+if TYPE_CHECKING:
+    from safetygame.cache import ScoreCache
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,6 +47,26 @@ export_reads_option = click.option(
     ".gz to compress): an export that replays the run with 0 model calls "
     "(safetygame cache import FILE, then the same command).",
 )
+
+
+@contextmanager
+def run_cache(cache_path: Path | None, export_reads: Path | None) -> Iterator[ScoreCache]:
+    """The score cache of one run (``--cache``); with ``--export-reads``, it tracks what the
+    run reads and writes that to the file when the run ends, also after a stop or a failure
+    (what it read resumes it elsewhere)."""
+    from safetygame.cache import ScoreCache
+
+    if export_reads is not None:  # a folder that cannot be made fails here, not after the run
+        export_reads.parent.mkdir(parents=True, exist_ok=True)
+    cache = ScoreCache(cache_path or "default", track=export_reads is not None)
+    try:
+        yield cache
+    finally:
+        if export_reads is not None and cache.used is not None:
+            n = cache.export_jsonl(export_reads, keys=cache.used)
+            click.echo(f"exported the {n} cache entries this run read to {export_reads}", err=True)
+
+
 #: The refusal detector's modes (``safetygame.eval.refusal.Mode``; a test keeps them equal).
 REFUSAL_MODES = ("either", "both", "pattern", "probe")
 

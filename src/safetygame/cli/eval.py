@@ -23,6 +23,7 @@ from safetygame.cli._common import (
     print_json,
     progress_option,
     refusal_mode_option,
+    run_cache,
     show_progress,
 )
 from safetygame.errors import ConfigError
@@ -55,7 +56,6 @@ def _run_benchmark(
     data_file: Path | None = None,
 ) -> None:
     from safetygame.backends.base import Backend
-    from safetygame.cache import ScoreCache
     from safetygame.eval.custom import load_custom
     from safetygame.eval.refusal import Mode
     from safetygame.eval.runner import run_benchmark
@@ -75,10 +75,7 @@ def _run_benchmark(
             return CacheOnlyBackend.for_model(model or DEFAULT_MODEL)
         return open_backend(model, upstream, api_key, parallel)
 
-    if export_reads is not None:  # a folder that cannot be made fails here, not after the run
-        export_reads.parent.mkdir(parents=True, exist_ok=True)
-    cache = ScoreCache(cache_path or "default", track=export_reads is not None)
-    try:
+    with run_cache(cache_path, export_reads) as cache:
         run = run_benchmark(
             benchmark,
             backend,
@@ -93,10 +90,6 @@ def _run_benchmark(
             on_stop=lambda message: click.echo(message, err=True),
             data=data,
         )
-    finally:  # also after a stop or a failed run: what it read resumes it elsewhere
-        if export_reads is not None and cache.used is not None:
-            n = cache.export_jsonl(export_reads, keys=cache.used)
-            click.echo(f"exported the {n} cache entries this run read to {export_reads}", err=True)
     if run.stopped_by is not None:
         raise SystemExit(128 + run.stopped_by)
     results = {**run.results, "log": str(run.log)}

@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,12 +21,17 @@ from safetygame.cli._common import (
     policy_option,
     print_json,
     progress_option,
+    run_cache,
     show_progress,
     to_jsonable,
 )
 from safetygame.cli.eval import eval_group
 from safetygame.errors import ConfigError
 from safetygame.policy import load_policy
+
+if TYPE_CHECKING:
+    from safetygame.cache import ScoreCache
+    from safetygame.eval.probe_quality import EmbedFactory
 
 DEFAULT_DESIGNS = "plain,self,refuses,pairwise,embed"
 
@@ -155,7 +160,6 @@ def probes_command(
     """Probe quality per design and source: AUROC (95% CI), pairwise accuracy, ECE."""
     import json
 
-    from safetygame.cache import ScoreCache
     from safetygame.eval.probe_quality import check_request, evaluate_probes, make_embed_factory
 
     policy = load_policy(policy_ref)
@@ -165,10 +169,6 @@ def probes_command(
         raise ConfigError("--designs must name at least one design")
     check_request(design_list, source_list, limit)  # fail fast, before a model loads
     probe_list: Any = ("harm", "helpfulness") if probes == "both" else (probes,)
-    if export_reads is not None:  # a folder that cannot be made fails here, not after the run
-        export_reads.parent.mkdir(parents=True, exist_ok=True)
-    cache = ScoreCache(cache_path or "default", track=export_reads is not None)
-    embed = make_embed_factory(cache, seed, dev_fraction) if "embed" in design_list else None
 
     verbose = show_progress(progress, as_json)
 
@@ -176,39 +176,32 @@ def probes_command(
         if verbose:
             click.echo(msg, err=True)
 
-    model_calls: list[int] = []
-
-    async def run() -> Any:
+    async def run(cache: ScoreCache, embed: EmbedFactory | None) -> tuple[Any, int | None]:
+        """The report, and the judge calls it took (0 when every reading was cached)."""
         async with open_backend(model, upstream, api_key) as backend:
-            try:
-                return await evaluate_probes(
-                    backend,
-                    policy,
-                    cache,
-                    designs=design_list,
-                    sources=source_list,
-                    probes=probe_list,
-                    limit=limit,
-                    seed=seed,
-                    dev_fraction=dev_fraction,
-                    shots=shots,
-                    embed=embed,
-                    progress=say,
-                )
-            finally:
-                if backend.stats is not None:
-                    model_calls.append(backend.stats.calls)
+            report = await evaluate_probes(
+                backend,
+                policy,
+                cache,
+                designs=design_list,
+                sources=source_list,
+                probes=probe_list,
+                limit=limit,
+                seed=seed,
+                dev_fraction=dev_fraction,
+                shots=shots,
+                embed=embed,
+                progress=say,
+            )
+            return report, None if backend.stats is None else backend.stats.calls
 
     t0 = time.perf_counter()
-    try:
-        report = to_jsonable(asyncio.run(run()))
-    finally:  # also after a failed run: what it read resumes it elsewhere
-        if export_reads is not None and cache.used is not None:
-            n = cache.export_jsonl(export_reads, keys=cache.used)
-            click.echo(f"exported the {n} cache entries this run read to {export_reads}", err=True)
+    with run_cache(cache_path, export_reads) as cache:
+        embed = make_embed_factory(cache, seed, dev_fraction) if "embed" in design_list else None
+        result, model_calls = asyncio.run(run(cache, embed))
+    report = to_jsonable(result)
     report["seconds"] = time.perf_counter() - t0
-    # judge calls the run made (0 when every reading came from the cache)
-    report["model_calls"] = model_calls[0] if model_calls else None
+    report["model_calls"] = model_calls
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
